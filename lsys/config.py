@@ -1,0 +1,87 @@
+"""Start-up validation of the composed Hydra config: every problem found, each in one line."""
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lsys.models import MIXERS, ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config the run cannot start with; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def model_config(cfg: DictConfig) -> ModelConfig:
+    """The `model` group as a ModelConfig; an unknown key raises ConfigError."""
+    fields = OmegaConf.to_container(cfg.model, resolve=True)
+    try:
+        return ModelConfig(**fields)
+    except TypeError as error:
+        raise ConfigError([f"model: {error} (see lsys/models/config.py for the settings)"]) from None
+
+
+def check_model(model: ModelConfig, seq_len: int) -> list[str]:
+    """Problems with the model's shape, its mixers and the sequence length it must take."""
+    problems = []
+    if model.n_heads <= 0 or model.d_model % model.n_heads:
+        problems.append(f"model.d_model ({model.d_model}) must be a multiple of model.n_heads ({model.n_heads})")
+    elif model.head_dim % 2:
+        problems.append(f"model head dim d_model/n_heads = {model.head_dim} must be even for RoPE")
+    if not model.layers:
+        problems.append("model.layers is empty: name at least one mixer")
+    if seq_len <= 0:
+        problems.append(f"data.seq_len must be positive, got {seq_len}")
+    elif seq_len > model.max_seq_len:
+        problems.append(
+            f"data.seq_len ({seq_len}) exceeds model.max_seq_len ({model.max_seq_len}), "
+            "the longest sequence this model is built for"
+        )
+    for name in dict.fromkeys(model.layers):
+        if name not in MIXERS:
+            problems.append(f"model.layers: unknown mixer {name!r}; known mixers: {', '.join(sorted(MIXERS))}")
+            continue
+        options = model.mixer_options.get(name, {})
+        try:
+            problems += MIXERS[name].check(model, max(seq_len, 1), **options)
+        except TypeError:
+            problems.append(f"model.mixer_options.{name}: unknown option among {sorted(options)}")
+    for name in model.mixer_options:
+        if name not in model.layers:
+            problems.append(f"model.mixer_options.{name}: no layer uses mixer {name!r}")
+    return problems
+
+
+def check_config(cfg: DictConfig) -> list[str]:
+    """Every problem with `cfg` that can be seen before touching data, devices or the run directory."""
+    try:
+        problems = check_model(model_config(cfg), cfg.data.seq_len)
+    except ConfigError as error:
+        problems = list(error.problems)
+    trainer, optim = cfg.trainer, cfg.optim
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every"):
+        if trainer[key] <= 0:
+            problems.append(f"trainer.{key} must be positive, got {trainer[key]}")
+    if trainer.keep_checkpoints < 1:
+        problems.append(f"trainer.keep_checkpoints must be at least 1, got {trainer.keep_checkpoints}")
+    if trainer.precision not in ("auto", "fp32", "bf16"):
+        problems.append(f"trainer.precision must be auto, fp32 or bf16, got {trainer.precision!r}")
+    if optim.lr <= 0:
+        problems.append(f"optim.lr must be positive, got {optim.lr}")
+    if not 0 <= optim.warmup_fraction < 1:
+        problems.append(f"optim.warmup_fraction must be in [0, 1), got {optim.warmup_fraction}")
+    if cfg.data.source == "files":
+        paths = cfg.data.path if OmegaConf.is_list(cfg.data.path) else [cfg.data.path]
+        if cfg.data.path is None:
+            problems.append("data.path is required for data.source=files (a file, folder or glob)")
+        for path in paths if cfg.data.path is not None else []:
+            if not any(ch in str(path) for ch in "*?[") and not Path(path).exists():
+                problems.append(f"data.path {str(path)!r} does not exist")
+    if cfg.data.tokenizer.kind == "hf" and not Path(str(cfg.data.tokenizer.path)).is_file():
+        problems.append(f"data.tokenizer.path {cfg.data.tokenizer.path!r} is not a tokenizer JSON file")
+    if str(cfg.resume) not in ("auto", "none") and not Path(str(cfg.resume)).is_dir():
+        problems.append(f"resume={cfg.resume!r}: use auto, none, or an existing checkpoint folder")
+    return problems

@@ -1,0 +1,195 @@
+"""Batches for training and validation, sharded over data-parallel ranks, and `build_loaders`.
+
+Map-style data (stdlib, files) is tokenized once (cached by `datasets`), its documents shuffled
+with the seed and laid end to end in memory (4 bytes a token; use a hub/streaming source for
+corpora beyond RAM), then cut into windows (see `lsys.data.packing`). Each epoch visits the
+windows in a fresh order drawn from `seed + epoch`, the same on every rank; at each step rank r
+takes windows `[r*B, (r+1)*B)` of the step's `dp_size*B`, so the dp ranks never share a window.
+An epoch ends when fewer than `dp_size*B` windows are left; those are skipped that epoch.
+
+`PackedLoader.state_dict()` is `{epoch, step_in_epoch}` plus the layout it belongs to: the same
+for every rank, so one JSON file resumes all of them at the exact next batch.
+"""
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lsys.data.config import DataConfig
+from lsys.data.errors import DataError
+from lsys.data.packing import TokenWindows, check_batch_layout, token_stream, tokenize_documents
+from lsys.data.sources import load_source
+from lsys.data.streaming import StreamingLoader, StreamingValLoader
+from lsys.data.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Result = TypeVar("Result")
+
+
+class PackedLoader:
+    """Endless training batches `(inputs, targets)`, int64 `[B, T]`, of one rank, epoch after epoch."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        *,
+        seq_len: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        name: str = "data",
+    ):
+        check_batch_layout(seq_len=seq_len, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.seed = seed
+        self._windows = TokenWindows(tokens, seq_len)
+        self._windows_per_step = dp_size * micro_batch_size
+        self.batches_per_epoch = self._windows.count // self._windows_per_step
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"data set '{name}' is too small: {len(tokens)} tokens make {self._windows.count} window(s) of "
+                f"seq_len {seq_len}, and one step needs {self._windows_per_step} "
+                f"(dp_size {dp_size} x micro_batch_size {micro_batch_size}); use more data or a shorter seq_len"
+            )
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self._order_epoch = -1
+        self._order = torch.empty(0, dtype=torch.long)
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Input tokens in one batch of this rank (B*T); multiply by dp_size for the global batch."""
+        return self.micro_batch_size * self._windows.seq_len
+
+    def __iter__(self) -> "PackedLoader":
+        return self
+
+    def __next__(self) -> Batch:
+        if self.step_in_epoch == self.batches_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+        first = self.step_in_epoch * self._windows_per_step + self.dp_rank * self.micro_batch_size
+        window_ids = self._epoch_order()[first : first + self.micro_batch_size]
+        self.step_in_epoch += 1
+        return self._windows.batch(window_ids)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the next batch starts, plus the layout it is valid for; identical on every dp rank."""
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "num_windows": self._windows.count,
+            "windows_per_step": self._windows_per_step,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continues at the batch after the one the state was saved at."""
+        layout = {key: self.state_dict()[key] for key in ("num_windows", "windows_per_step", "seed")}
+        saved_layout = {key: state[key] for key in layout}
+        if saved_layout != layout:
+            raise DataError(
+                f"loader state was saved for {saved_layout}, but this loader has {layout}: "
+                "the data, seq_len, global batch or seed changed since the checkpoint"
+            )
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self._order_epoch != self.epoch:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = torch.randperm(self._windows.count, generator=generator)
+            self._order_epoch = self.epoch
+        return self._order
+
+
+class ValLoader:
+    """The validation stream's windows in order, sharded over dp ranks like training; no shuffle."""
+
+    def __init__(self, tokens: np.ndarray, *, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        check_batch_layout(seq_len=seq_len, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self._windows = TokenWindows(tokens, seq_len)
+        self._windows_per_step = dp_size * micro_batch_size
+        self.num_batches = self._windows.count // self._windows_per_step
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Input tokens in one batch of this rank (B*T)."""
+        return self.micro_batch_size * self._windows.seq_len
+
+    def batches(self, n: int) -> Iterator[Batch]:
+        """The first min(n, num_batches) batches; the same ones on every call."""
+        for step in range(min(n, self.num_batches)):
+            first = step * self._windows_per_step + self.dp_rank * self.micro_batch_size
+            yield self._windows.batch(torch.arange(first, first + self.micro_batch_size))
+
+
+def build_loaders(
+    data_cfg: Any,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    seed: int,
+    tokenizer: Tokenizer,
+) -> tuple[PackedLoader | StreamingLoader, ValLoader | StreamingValLoader | None]:
+    """The (train, validation) loaders of this dp rank for a data config (fields: `lsys.data.config`)."""
+    cfg = DataConfig.from_attrs(data_cfg)
+    layout = {"seq_len": seq_len, "micro_batch_size": micro_batch_size, "dp_rank": dp_rank, "dp_size": dp_size}
+    check_batch_layout(**layout)
+    train_documents, val_documents = _rank_zero_first(lambda: load_source(cfg))
+
+    if isinstance(train_documents, datasets.IterableDataset):
+        stream_kwargs = {"tokenizer": tokenizer, "text_field": cfg.text_field, "name": cfg.name, **layout}
+        train = StreamingLoader(train_documents, seed=seed, shuffle_buffer=cfg.shuffle_buffer, **stream_kwargs)
+        val = StreamingValLoader(val_documents, **stream_kwargs) if val_documents is not None else None
+        return train, val
+
+    def tokens_of(documents: datasets.Dataset, split: str, shuffle_seed: int | None) -> np.ndarray:
+        desc = f"tokenizing {cfg.name} ({split})"
+        tokenized = tokenize_documents(documents, tokenizer, num_proc=cfg.num_proc, desc=desc)
+        return token_stream(tokenized, shuffle_seed=shuffle_seed)
+
+    train_tokens = _rank_zero_first(lambda: tokens_of(train_documents, "train", seed))
+    train = PackedLoader(train_tokens, seed=seed, name=cfg.name, **layout)
+    logger.info(
+        "data '%s': %d training tokens, %d batches of %d tokens per rank per epoch",
+        cfg.name, len(train_tokens), train.batches_per_epoch, train.tokens_per_batch,
+    )
+    if val_documents is None:
+        return train, None
+    val = ValLoader(_rank_zero_first(lambda: tokens_of(val_documents, "validation", None)), **layout)
+    if val.num_batches == 0:
+        logger.warning(
+            "data '%s': the validation split is shorter than one global batch (%d windows of seq_len %d); "
+            "validation is off. Raise data.val_fraction or give data.val_path.",
+            cfg.name, dp_size * micro_batch_size, seq_len,
+        )
+        return train, None
+    return train, val
+
+
+def _rank_zero_first(prepare: Callable[[], Result]) -> Result:
+    """Runs `prepare` on global rank 0 first, so the other ranks read the `datasets` cache it wrote."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return prepare()
+    if dist.get_rank() == 0:
+        try:
+            return prepare()
+        finally:
+            # Release the others even on error: they then hit the same error instead of hanging.
+            dist.barrier()
+    dist.barrier()
+    return prepare()

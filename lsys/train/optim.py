@@ -1,0 +1,37 @@
+"""AdamW with decoupled weight decay on matrices only, and a cosine schedule with linear warmup."""
+
+import math
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
+    """AdamW; norms and biases (parameters under 2-D) get no weight decay."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=False)
+
+
+def cosine_with_warmup(step: int, *, max_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear from 1/warmup to 1 over the warmup, then cosine down to min_lr_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine schedule over `max_steps` with `warmup_fraction` of them spent warming up."""
+    warmup_steps = round(cfg.warmup_fraction * max_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: cosine_with_warmup(
+            step, max_steps=max_steps, warmup_steps=warmup_steps, min_lr_ratio=cfg.min_lr_ratio
+        ),
+    )

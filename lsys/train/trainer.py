@@ -1,0 +1,212 @@
+"""The training loop: validate, build, resume, then step, log, evaluate and checkpoint."""
+
+import logging
+import random
+import sys
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from lsys.config import ConfigError, check_config, model_config
+from lsys.data import DataError, build_loaders, build_tokenizer
+from lsys.models import build_model
+from lsys.train.checkpoint import Checkpointer, CheckpointError, check_fits, rng_state, set_rng_state
+from lsys.train.engine import DDPEngine, NonFiniteLossError
+from lsys.train.metrics import MetricsLogger, Throughput, device_peak_flops, peak_memory_bytes
+from lsys.train.optim import build_optimizer, build_scheduler
+from parallel import World, barrier, init_distributed, shutdown
+
+log = logging.getLogger("lsys")
+
+
+def setup_logging(world: World, run_dir: Path | None) -> None:
+    """Rank 0 logs INFO to stderr and `run_dir/train.log`; other ranks only warnings."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO if world.is_main else logging.WARNING)
+    formatter = logging.Formatter("[lsys %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None and world.is_main:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, world: World):
+        self.cfg, self.world = cfg, world
+        self.run_dir = Path(cfg.run_dir)
+        self.trainer_cfg = cfg.trainer
+        self.checkpointer = Checkpointer(self.run_dir, world, keep=cfg.trainer.keep_checkpoints)
+        resume_from = self._resume_path()
+
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        model_cfg = model_config(cfg)
+        if self.tokenizer.vocab_size > model_cfg.vocab_size:
+            raise ConfigError(
+                [f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is {model_cfg.vocab_size}"]
+            )
+        self.train_loader, self.val_loader = build_loaders(
+            cfg.data,
+            seq_len=cfg.data.seq_len,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            dp_rank=world.rank,
+            dp_size=world.world_size,
+            seed=cfg.seed,
+            tokenizer=self.tokenizer,
+        )
+
+        seed_everything(cfg.seed)  # the same initial weights on every rank
+        self.model = build_model(model_cfg, world.device)
+        optimizer = build_optimizer(self.model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
+        self.engine = DDPEngine(
+            self.model, optimizer, scheduler, world=world, grad_clip=cfg.optim.grad_clip, precision=cfg.trainer.precision
+        )
+        self.step, self.tokens_seen = 0, 0
+        self.tokens_per_step = cfg.data.seq_len * cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * world.world_size
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        self.peak_flops = device_peak_flops(world.device)
+        log.info(
+            "model %s: %s parameters (%s without embeddings), %s mixers",
+            model_cfg.name, f"{self.model.num_params():,}", f"{self.model.num_params(exclude_embedding=True):,}",
+            "/".join(model_cfg.layers),
+        )
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    def _resume_path(self) -> Path | None:
+        latest = self.checkpointer.latest()
+        if self.cfg.resume == "auto":
+            return latest
+        if self.cfg.resume == "none":
+            if latest is not None:
+                raise CheckpointError(
+                    f"{self.run_dir} already holds checkpoint {latest.name}; pass resume=auto to continue it "
+                    "or choose another run_name"
+                )
+            return None
+        return Path(self.cfg.resume)
+
+    def _restore(self, path: Path) -> None:
+        checkpoint = self.checkpointer.load(path)
+        check_fits(checkpoint, self.model.state_dict())
+        saved_world = checkpoint.trainer["world_size"]
+        if saved_world != self.world.world_size or checkpoint.rank_state is None:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {saved_world} ranks, this job has {self.world.world_size}: "
+                f"resume with --nproc_per_node={saved_world} (changing the world size on resume is not supported)"
+            )
+        self.train_loader.load_state_dict(checkpoint.rank_state["loader"])
+        self.engine.load(checkpoint.model, checkpoint.optimizer, checkpoint.trainer["scheduler"])
+        set_rng_state(checkpoint.rank_state["rng"])
+        self.step, self.tokens_seen = checkpoint.trainer["step"], checkpoint.trainer["tokens_seen"]
+        log.info("resumed from %s at step %d (%s tokens seen)", path, self.step, f"{self.tokens_seen:,}")
+
+    def save(self) -> None:
+        trainer_state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "world_size": self.world.world_size,
+            "scheduler": self.engine.scheduler.state_dict(),
+        }
+        rank_state = {"rng": rng_state(), "loader": self.train_loader.state_dict()}
+        path = self.checkpointer.save(
+            self.step, self.engine.model_state(), self.engine.optimizer_state(), trainer_state, rank_state
+        )
+        log.info("saved %s", path)
+
+    def fit(self) -> None:
+        tc = self.trainer_cfg
+        if self.step >= tc.max_steps:
+            log.info("run already complete: step %d of %d", self.step, tc.max_steps)
+            return
+        metrics = MetricsLogger(self.run_dir, enabled=self.world.is_main, tensorboard=tc.tensorboard)
+        throughput = Throughput()
+        batches = iter(self.train_loader)
+        last_step = tc.max_steps if tc.stop_after_steps is None else min(tc.max_steps, self.step + tc.stop_after_steps)
+        progress = tqdm(
+            total=tc.max_steps, initial=self.step, desc="train", unit="step", mininterval=1.0,
+            disable=not (self.world.is_main and tc.progress_bar), dynamic_ncols=True,
+        )
+        with logging_redirect_tqdm(), progress:
+            while self.step < last_step:
+                throughput.start()
+                micro_batches = list(islice(batches, tc.grad_accum))
+                try:
+                    result = self.engine.train_step(micro_batches)
+                except NonFiniteLossError as error:
+                    raise NonFiniteLossError(
+                        f"non-finite training signal at step {self.step + 1} ({error}); nothing was saved for this "
+                        f"step. Lower optim.lr or check the data; the last good checkpoint is {self.checkpointer.latest()}"
+                    ) from None
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                throughput.stop(self.tokens_per_step)
+                progress.update()
+                progress.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
+
+                record = {"step": self.step}
+                if self.step % tc.log_every == 0 or self.step == last_step:
+                    tokens_per_s = throughput.read()
+                    per_device = tokens_per_s / self.world.world_size
+                    record |= {
+                        "loss": result.loss,
+                        "grad_norm": result.grad_norm,
+                        "lr": result.lr,
+                        "tokens_seen": self.tokens_seen,
+                        "tokens_per_s": tokens_per_s,
+                        "tokens_per_s_per_device": per_device,
+                        "mfu": per_device * self.flops_per_token / self.peak_flops if self.peak_flops else None,
+                        "peak_memory_gib": peak_memory_bytes(self.world.device) / 2**30,
+                    }
+                if self.val_loader is not None and (self.step % tc.eval_every == 0 or self.step == tc.max_steps):
+                    record["val_loss"] = self.engine.evaluate(self.val_loader.batches(tc.eval_batches))
+                if len(record) > 1:
+                    metrics.write(record)
+                if self.step % tc.checkpoint_every == 0 or self.step == last_step:
+                    self.save()
+        metrics.close()
+
+
+def run(cfg: DictConfig) -> int:
+    """Train as configured; returns the process exit code (0 done, 1 failed at run time, 2 bad config)."""
+    world = init_distributed(cfg.parallel.backend)
+    setup_logging(world, run_dir=None)
+    try:
+        problems = check_config(cfg)
+        if problems:
+            raise ConfigError(problems)
+        trainer = Trainer(cfg, world)
+        run_dir = Path(cfg.run_dir)
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        barrier()
+        setup_logging(world, run_dir)
+        log.info("run directory %s", run_dir.resolve())
+        trainer.fit()
+        return 0
+    except ConfigError as error:
+        if world.is_main:
+            for problem in error.problems:
+                print(f"lsys: config error: {problem}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, NonFiniteLossError) as error:
+        if world.is_main:
+            print(f"lsys: error: {error}", file=sys.stderr)
+        return 1 if not isinstance(error, DataError) else 2
+    finally:
+        shutdown()

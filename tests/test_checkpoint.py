@@ -1,0 +1,105 @@
+"""Checkpointer: atomic layout, pruning, and refusing incomplete, corrupt or mismatched checkpoints."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lsys.models import ModelConfig, build_model
+from lsys.train.checkpoint import Checkpointer, CheckpointError, check_fits, rng_state, set_rng_state
+from parallel import World
+
+WORLD = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def save_steps(checkpointer: Checkpointer, steps: list[int]) -> dict:
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    for step in steps:
+        checkpointer.save(
+            step, model.state_dict(), optimizer.state_dict(), {"step": step}, {"rng": rng_state(), "loader": {"position": step}}
+        )
+    return model.state_dict()
+
+
+
+
+def test_save_load_round_trip_and_pruning(tmp_path: Path):
+    checkpointer = Checkpointer(tmp_path, WORLD, keep=2)
+    state = save_steps(checkpointer, [1, 2, 3])
+    assert [p.name for p in checkpointer.complete_checkpoints()] == ["step-00000002", "step-00000003"]
+    loaded = checkpointer.load(checkpointer.latest())
+    assert loaded.trainer == {"step": 3}
+    assert loaded.rank_state["loader"] == {"position": 3}
+    for name, tensor in state.items():
+        assert torch.equal(loaded.model[name], tensor)
+    assert loaded.optimizer["state"][0]["step"] == 1
+    assert sorted(p.name for p in (tmp_path / "step-00000003").iterdir()) == [
+        "COMPLETE", "model.safetensors", "optimizer.pt", "rank-00000.pt", "trainer.json",
+    ]
+
+
+def test_interrupted_save_is_ignored_and_refused(tmp_path: Path):
+    checkpointer = Checkpointer(tmp_path, WORLD, keep=3)
+    save_steps(checkpointer, [1, 2])
+    # What a save killed before its rename leaves behind, and a folder whose manifest never landed.
+    (tmp_path / ".step-00000003.tmp").mkdir()
+    (tmp_path / "step-00000004").mkdir()
+    (tmp_path / "step-00000004" / "model.safetensors").write_bytes(b"partial")
+    assert checkpointer.latest().name == "step-00000002"
+    with pytest.raises(CheckpointError, match="incomplete"):
+        checkpointer.load(tmp_path / "step-00000004")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_corrupt_checkpoint_is_refused(tmp_path: Path, damage: str):
+    checkpointer = Checkpointer(tmp_path, WORLD, keep=3)
+    save_steps(checkpointer, [5])
+    target = tmp_path / "step-00000005" / "optimizer.pt"
+    data = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        target.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:
+        target.unlink()
+    with pytest.raises(CheckpointError, match="corrupt"):
+        checkpointer.load(tmp_path / "step-00000005")
+
+
+def test_manifest_lists_checksums(tmp_path: Path):
+    checkpointer = Checkpointer(tmp_path, WORLD, keep=1)
+    save_steps(checkpointer, [7])
+    manifest = json.loads((tmp_path / "step-00000007" / "COMPLETE").read_text())
+    assert manifest["step"] == 7
+    assert set(manifest["files"]) == {"model.safetensors", "optimizer.pt", "rank-00000.pt", "trainer.json"}
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
+
+
+def test_mismatched_model_is_refused_before_loading(tmp_path: Path):
+    small = build_model(ModelConfig(d_model=32, n_heads=2, n_layers=1, ffn_dim=64))
+    checkpointer = Checkpointer(tmp_path, WORLD, keep=1)
+    optimizer = torch.optim.AdamW(small.parameters())
+    checkpointer.save(1, small.state_dict(), optimizer.state_dict(), {"step": 1}, {})
+    bigger = build_model(ModelConfig(d_model=64, n_heads=2, n_layers=1, ffn_dim=64))
+    before = {k: v.clone() for k, v in bigger.state_dict().items()}
+    with pytest.raises(CheckpointError, match="does not match the model config"):
+        check_fits(checkpointer.load(tmp_path / "step-00000001"), bigger.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in bigger.state_dict().items())
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    state = rng_state()
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1]
+    assert np.random.rand() == expected[2]

@@ -1,0 +1,445 @@
+"""Tests of lsys.data: tokenizers, sources, packing, dp sharding, resume, streaming, the stdlib corpus."""
+
+import json
+import logging
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lsys.data import (
+    ByteTokenizer,
+    DataConfig,
+    DataError,
+    PackedLoader,
+    StreamingLoader,
+    StreamingValLoader,
+    ValLoader,
+    build_loaders,
+    build_tokenizer,
+)
+from lsys.data.packing import token_stream, tokenize_documents
+from lsys.data.sources import in_validation_split, load_files, load_stdlib
+
+EOS = ByteTokenizer.eos_id
+LAYOUT = {"micro_batch_size": 2, "dp_rank": 0, "dp_size": 1, "seed": 0}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_datasets_cache(tmp_path_factory):
+    """Keeps the test corpora (new tmp paths every run) out of the user's datasets cache."""
+    # datasets reads HF_DATASETS_CACHE at import, so the env var cannot be patched; its config value can.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
+        yield
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    return write(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def files_cfg(path, **overrides) -> DataConfig:
+    return DataConfig(**{"name": "test", "source": "files", "path": path, "val_fraction": 0.0, **overrides})
+
+
+def split_at_eos(stream: np.ndarray) -> list[str]:
+    """The documents of a byte-token stream that ends with EOS."""
+    assert stream[-1] == EOS
+    cuts = np.flatnonzero(stream == EOS)
+    starts = np.concatenate([[0], cuts[:-1] + 1])
+    return [bytes(stream[a:b].astype(np.uint8)).decode() for a, b in zip(starts, cuts)]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """Forty numbered text documents, each long enough to span several short windows."""
+    for i in range(40):
+        write(tmp_path / "corpus" / f"doc{i:02d}.txt", f"<{i}> " + "text of a document. " * (i % 5 + 1))
+    return tmp_path / "corpus"
+
+
+# --- tokenizers -----------------------------------------------------------------------------
+
+
+def test_byte_tokenizer_round_trip():
+    tokenizer = build_tokenizer(SimpleNamespace(kind="byte"))
+    text = "héllo, wörld → ✓"
+    ids = tokenizer.encode(text)
+    assert (tokenizer.vocab_size, tokenizer.eos_id) == (257, 256)
+    assert ids == list(text.encode("utf-8")) and max(ids) < 256
+    assert tokenizer.decode(ids + [tokenizer.eos_id]) == text
+    assert tokenizer.encode_batch([text, "ab"]) == [ids, [97, 98]]
+
+
+def test_hf_tokenizer_from_trained_json(tmp_path):
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    path = tmp_path / "tokenizer.json"
+    bpe.save(str(path))
+
+    tokenizer = build_tokenizer(SimpleNamespace(kind="hf", path=str(path), eos_token="<|endoftext|>"))
+    text = "the lazy fox, quickly!"
+    ids = tokenizer.encode(text)
+    assert tokenizer.eos_id == bpe.token_to_id("<|endoftext|>")
+    assert tokenizer.eos_id not in ids and len(ids) < len(text)  # merges were learned and used
+    assert tokenizer.decode(ids + [tokenizer.eos_id]) == text
+    assert tokenizer.encode_batch([text, "dog"]) == [ids, tokenizer.encode("dog")]
+    assert tokenizer.vocab_size == bpe.get_vocab_size(with_added_tokens=True) > tokenizer.eos_id
+
+    with pytest.raises(DataError, match="not in the vocabulary"):
+        build_tokenizer(SimpleNamespace(kind="hf", path=str(path), eos_token="</s>"))
+    with pytest.raises(DataError, match="does not exist"):
+        build_tokenizer(SimpleNamespace(kind="hf", path=str(tmp_path / "missing.json"), eos_token="</s>"))
+    with pytest.raises(DataError, match="tokenizer.kind 'sentencepiece' is unknown"):
+        build_tokenizer(SimpleNamespace(kind="sentencepiece"))
+
+
+# --- sources --------------------------------------------------------------------------------
+
+
+def test_files_source_reads_txt_md_jsonl_parquet(tmp_path):
+    write(tmp_path / "a.txt", "plain text\nover two lines\n")
+    write(tmp_path / "sub" / "b.md", "# markdown")
+    write(tmp_path / "sub" / ".hidden" / "c.txt", "hidden files are left out")
+    write_jsonl(tmp_path / "rows.jsonl", [{"body": "json row one", "id": 1}, {"body": "json row two", "id": 2}])
+    pq.write_table(pa.table({"body": ["parquet row"], "n": [3]}), tmp_path / "rows.parquet")
+    write(tmp_path / "notes.csv", "unsupported files in a directory are ignored")
+
+    train, val = load_files(str(tmp_path), text_field="body", val_fraction=0.0)
+    assert val is None
+    assert sorted(train["text"]) == sorted(
+        ["plain text\nover two lines\n", "# markdown", "json row one", "json row two", "parquet row"]
+    )
+
+
+def test_files_source_glob_and_list(tmp_path):
+    for name in ("x1.txt", "x2.txt", "y1.txt"):
+        write(tmp_path / name, f"document {name}")
+    train, _ = load_files(str(tmp_path / "x*.txt"), val_fraction=0.0)
+    assert sorted(train["text"]) == ["document x1.txt", "document x2.txt"]
+    train, _ = load_files([str(tmp_path / "y1.txt"), str(tmp_path / "x*.txt")], val_fraction=0.0)
+    assert sorted(train["text"]) == ["document x1.txt", "document x2.txt", "document y1.txt"]
+
+
+def test_non_utf8_file_is_skipped_with_a_warning(tmp_path, caplog):
+    write(tmp_path / "good.txt", "fine text")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    with caplog.at_level(logging.WARNING, logger="lsys.data.sources"):
+        train, _ = load_files(str(tmp_path), val_fraction=0.0)
+    assert list(train["text"]) == ["fine text"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipped 1 file(s)" in warnings[0] and "latin1.txt" in warnings[0]
+
+
+def test_val_path_replaces_the_hash_split(tmp_path):
+    write(tmp_path / "train" / "a.txt", "training text")
+    write(tmp_path / "val" / "b.txt", "validation text")
+    train, val = load_files(str(tmp_path / "train"), val_path=str(tmp_path / "val"), val_fraction=0.5)
+    assert list(train["text"]) == ["training text"] and list(val["text"]) == ["validation text"]
+
+
+@pytest.mark.parametrize(
+    ("make_cfg", "message"),
+    [
+        (lambda d: files_cfg(str(d / "nope")), r"data.path '.*nope' does not exist"),
+        (lambda d: files_cfg(str(d / "*.md")), r"glob '.*\*.md' matches no files"),
+        (lambda d: files_cfg(str(d / "empty.txt")), r"'test' is empty"),
+        (lambda d: files_cfg(str(d / "latin1.txt")), r"'test' is empty: none of its 1 file"),
+        (lambda d: files_cfg(str(d / "rows.jsonl")), r"text_field 'text' is not a column .*columns: body"),
+        (lambda d: files_cfg(str(d / "rows.parquet")), r"text_field 'text' is not a column of '.*rows.parquet'"),
+        (lambda d: files_cfg(str(d / "short.txt")), r"'test' is too small: 9 tokens make 0 window"),
+        (lambda d: files_cfg(str(d / "short.txt"), val_fraction=1.5), r"val_fraction 1.5 must be in \[0, 1\)"),
+        (lambda d: DataConfig(source="ftp"), r"data.source 'ftp' is unknown"),
+        (lambda d: DataConfig(source="files"), r"data.path is required"),
+    ],
+)
+def test_data_errors(tmp_path, make_cfg, message):
+    write(tmp_path / "empty.txt", "")
+    (tmp_path / "latin1.txt").write_bytes(b"\xe9t\xe9")
+    write_jsonl(tmp_path / "rows.jsonl", [{"body": "x"}])
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "rows.parquet")
+    write(tmp_path / "short.txt", "12345678")  # 8 bytes + EOS
+    with pytest.raises(DataError, match=message):
+        build_loaders(make_cfg(tmp_path), seq_len=16, tokenizer=ByteTokenizer(), **LAYOUT)
+
+
+def test_too_few_windows_for_one_global_batch(corpus):
+    cfg = files_cfg(str(corpus / "doc00.txt"))  # 25 tokens: 3 windows of 8, fewer than dp_size * B = 4
+    with pytest.raises(DataError, match="make 3 window.*one step needs 4"):
+        build_loaders(cfg, seq_len=8, micro_batch_size=2, dp_rank=0, dp_size=2, seed=0, tokenizer=ByteTokenizer())
+
+
+# --- packing --------------------------------------------------------------------------------
+
+
+def test_stream_puts_eos_after_every_document():
+    documents = datasets.Dataset.from_dict({"text": ["ab", "cde", "f"]})
+    tokenized = tokenize_documents(documents, ByteTokenizer(), num_proc=1, desc="test")
+    stream = token_stream(tokenized, shuffle_seed=None)
+    assert stream.tolist() == [97, 98, EOS, 99, 100, 101, EOS, 102, EOS]
+
+    val = ValLoader(stream, seq_len=2, micro_batch_size=4, dp_rank=0, dp_size=1)
+    (inputs, targets), = val.batches(5)
+    assert inputs.dtype == targets.dtype == torch.int64
+    assert inputs.tolist() == [[97, 98], [EOS, 99], [100, 101], [EOS, 102]]
+    assert targets.tolist() == [[98, EOS], [99, 100], [101, EOS], [102, EOS]]
+
+    shuffled = token_stream(tokenized, shuffle_seed=3)
+    assert sorted(split_at_eos(shuffled)) == ["ab", "cde", "f"]
+    assert shuffled.tolist() == token_stream(tokenized, shuffle_seed=3).tolist()
+
+
+def test_build_loaders_packs_shuffled_documents_with_eos(corpus):
+    train, _ = build_loaders(files_cfg(str(corpus)), seq_len=16, tokenizer=ByteTokenizer(), **LAYOUT)
+    assert train.tokens_per_batch == 32
+    rows = []
+    for _ in range(train.batches_per_epoch):
+        inputs, targets = next(train)
+        assert inputs.shape == targets.shape == (2, 16)
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])
+        rows += torch.cat([inputs, targets[:, -1:]], dim=1).tolist()
+    documents = {p.read_text() for p in corpus.iterdir()}
+    # Each window is a piece of documents joined by EOS: between two EOS lies exactly one whole document.
+    for row in rows:
+        cuts = [i for i, token in enumerate(row) if token == EOS]
+        for a, b in zip(cuts, cuts[1:]):
+            assert bytes(row[a + 1 : b]).decode() in documents
+    assert sum(row.count(EOS) for row in rows) >= 30
+
+
+def window_ids(inputs: torch.Tensor, seq_len: int) -> list[int]:
+    """Window indices of batches cut from the stream 0, 1, 2, ... (each token is its own position)."""
+    return (inputs[:, 0] // seq_len).tolist()
+
+
+def test_dp_ranks_take_disjoint_windows_of_the_global_batch():
+    seq_len, micro_batch_size, dp_size = 4, 2, 3
+    stream = np.arange(seq_len * 50 + 1, dtype=np.int32)  # 50 windows, 8 steps of 6 per epoch
+    ranks = [
+        PackedLoader(stream, seq_len=seq_len, micro_batch_size=micro_batch_size, dp_rank=r, dp_size=dp_size, seed=7)
+        for r in range(dp_size)
+    ]
+    # One rank taking the whole global batch sees the same order: the ranks' shares must tile it.
+    whole = PackedLoader(stream, seq_len=seq_len, micro_batch_size=dp_size * micro_batch_size, dp_rank=0, dp_size=1,
+                         seed=7)
+    seen = []
+    for _ in range(whole.batches_per_epoch):
+        per_rank = [window_ids(next(loader)[0], seq_len) for loader in ranks]
+        global_batch = window_ids(next(whole)[0], seq_len)
+        assert sum(per_rank, []) == global_batch and len(set(global_batch)) == 6
+        seen += global_batch
+    assert len(set(seen)) == 48 and set(seen) <= set(range(50))  # 2 windows are left over in this epoch
+    assert {json.dumps(loader.state_dict()) for loader in ranks} == {json.dumps(ranks[0].state_dict())}
+    next_epoch = window_ids(next(whole)[0], seq_len)
+    assert whole.epoch == 1 and next_epoch != seen[:6]  # a fresh order each epoch
+
+
+@pytest.mark.parametrize("taken", [2, 3, 4, 8])  # mid-epoch, at the boundary, just after, two epochs later
+def test_packed_loader_resumes_at_the_exact_next_batch(corpus, taken):
+    cfg = files_cfg(str(corpus))
+    layout = {**LAYOUT, "micro_batch_size": 4}
+    build = lambda: build_loaders(cfg, seq_len=200, tokenizer=ByteTokenizer(), **layout)[0]  # noqa: E731
+    uninterrupted = build()
+    assert uninterrupted.batches_per_epoch == 3  # 2630 tokens: 13 windows of 200, 3 steps of 4
+    expected = [next(uninterrupted) for _ in range(taken + 5)][taken:]
+
+    interrupted = build()
+    for _ in range(taken):
+        next(interrupted)
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    resumed = build()
+    resumed.load_state_dict(state)
+    for want in expected:
+        got = next(resumed)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_packed_loader_rejects_a_state_of_another_layout(corpus):
+    train, _ = build_loaders(files_cfg(str(corpus)), seq_len=64, tokenizer=ByteTokenizer(), **LAYOUT)
+    other, _ = build_loaders(files_cfg(str(corpus)), seq_len=32, tokenizer=ByteTokenizer(), **LAYOUT)
+    with pytest.raises(DataError, match="seq_len, global batch or seed changed"):
+        other.load_state_dict(train.state_dict())
+
+
+def test_hash_split_is_disjoint_and_the_validation_loader_fixed(corpus):
+    train_docs, val_docs = load_files(str(corpus), val_fraction=0.3)
+    train_texts, val_texts = set(train_docs["text"]), set(val_docs["text"])
+    assert train_texts and val_texts and not train_texts & val_texts
+    assert train_texts | val_texts == {p.read_text() for p in corpus.iterdir()}
+    assert all(in_validation_split(text, 0.3) for text in val_texts)
+    assert not any(in_validation_split(text, 0.3) for text in train_texts)
+
+    _, val = build_loaders(files_cfg(str(corpus), val_fraction=0.3), seq_len=16, tokenizer=ByteTokenizer(), **LAYOUT)
+    first, again = list(val.batches(3)), list(val.batches(3))
+    assert len(first) == 3 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    first_document = ByteTokenizer().decode(first[0][0][0].tolist())
+    assert any(text.startswith(first_document) for text in val_texts)  # stored order, not shuffled
+    assert len(list(val.batches(10**6))) == val.num_batches
+
+
+def test_data_config_from_omegaconf():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"name": "mine", "source": "files", "path": ["a.txt", "b/"], "val_fraction": 0.1})
+    data = DataConfig.from_attrs(cfg)
+    assert data == DataConfig(name="mine", source="files", path=["a.txt", "b/"], val_fraction=0.1)
+    assert DataConfig.from_attrs(SimpleNamespace(source="hub", path="org/set")).split == "train"
+
+
+# --- streaming ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def jsonl_corpus(tmp_path) -> Path:
+    """Two jsonl shards of numbered documents, plus a validation file, laid out like a hub data set."""
+    rows = [{"text": f"<{i}> " + "streamed words " * (i % 3 + 1), "n": i} for i in range(30)]
+    write_jsonl(tmp_path / "hub" / "data" / "train-00000-of-00002.jsonl", rows[:15])
+    write_jsonl(tmp_path / "hub" / "data" / "train-00001-of-00002.jsonl", rows[15:])
+    write_jsonl(tmp_path / "hub" / "data" / "validation-00000-of-00001.jsonl", [{"text": "held out " * 20, "n": -1}])
+    return tmp_path / "hub"
+
+
+def stream_of(jsonl_corpus: Path) -> datasets.IterableDataset:
+    files = sorted(str(p) for p in (jsonl_corpus / "data").glob("train-*.jsonl"))
+    return datasets.load_dataset("json", data_files=files, split="train", streaming=True)
+
+
+def streaming_loader(jsonl_corpus: Path, **overrides) -> StreamingLoader:
+    kwargs = {"tokenizer": ByteTokenizer(), "text_field": "text", "seq_len": 16, "shuffle_buffer": 0, **LAYOUT}
+    return StreamingLoader(stream_of(jsonl_corpus), **{**kwargs, **overrides})
+
+
+def test_streaming_packs_documents_in_stream_order(jsonl_corpus):
+    loader = streaming_loader(jsonl_corpus, micro_batch_size=1)
+    inputs, targets = zip(*(next(loader) for _ in range(20)))
+    inputs, targets = torch.cat(inputs), torch.cat(targets)
+    assert torch.equal(inputs[:, 1:], targets[:, :-1]) and torch.equal(inputs[1:, 0], targets[:-1, -1])
+    expected = [t for row in stream_of(jsonl_corpus) for t in list(row["text"].encode()) + [EOS]]
+    assert inputs.flatten().tolist() == expected[: 20 * 16]
+
+
+@pytest.mark.parametrize("taken", [3, 40])  # mid-epoch; past the end of the first epoch
+def test_streaming_resumes_exactly_without_shuffle(jsonl_corpus, taken):
+    uninterrupted = streaming_loader(jsonl_corpus)
+    expected = [next(uninterrupted) for _ in range(taken + 4)][taken:]
+    interrupted = streaming_loader(jsonl_corpus)
+    for _ in range(taken):
+        next(interrupted)
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    assert (state["epoch"] > 0) == (taken == 40)
+    resumed = streaming_loader(jsonl_corpus)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state  # saving again before reading keeps the position
+    for want in expected:
+        got = next(resumed)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_streaming_shuffle_is_seeded_and_resumable(jsonl_corpus):
+    first = [next(streaming_loader(jsonl_corpus, shuffle_buffer=8, seed=1))[0] for _ in range(2)]
+    other_seed = next(streaming_loader(jsonl_corpus, shuffle_buffer=8, seed=2))[0]
+    in_order = next(streaming_loader(jsonl_corpus))[0]
+    assert torch.equal(first[0], first[1]) and not torch.equal(first[0], other_seed)
+    assert not torch.equal(first[0], in_order)
+    loader = streaming_loader(jsonl_corpus, shuffle_buffer=8, seed=1)
+    next(loader)
+    resumed = streaming_loader(jsonl_corpus, shuffle_buffer=8, seed=1)
+    resumed.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    assert next(resumed)[0].shape == (2, 16)  # not bitwise: datasets does not save the shuffle buffer
+
+
+def test_streaming_dp_ranks_read_disjoint_documents(jsonl_corpus):
+    numbers = []
+    for rank in range(2):
+        loader = streaming_loader(jsonl_corpus, dp_rank=rank, dp_size=2, shuffle_buffer=4)
+        text = ByteTokenizer().decode(torch.cat([next(loader)[0] for _ in range(6)]).flatten().tolist())
+        numbers.append({int(n) for n in re.findall(r"<(\d+)>", text)})
+    assert numbers[0] and numbers[1] and not numbers[0] & numbers[1]
+
+
+def test_streaming_missing_text_field(jsonl_corpus):
+    with pytest.raises(DataError, match="text_field 'body' is not a column .*columns: text, n"):
+        next(streaming_loader(jsonl_corpus, text_field="body"))
+
+
+def test_hub_source_streams_a_dataset_directory(jsonl_corpus):
+    cfg = DataConfig(name="hub-test", source="hub", path=str(jsonl_corpus), val_split="validation", shuffle_buffer=8)
+    train, val = build_loaders(cfg, seq_len=16, tokenizer=ByteTokenizer(), **LAYOUT)
+    assert isinstance(train, StreamingLoader) and isinstance(val, StreamingValLoader)
+    inputs, targets = next(train)
+    assert inputs.shape == (2, 16) and torch.equal(inputs[:, 1:], targets[:, :-1])
+    first, again = list(val.batches(2)), list(val.batches(2))
+    assert len(first) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+    assert ByteTokenizer().decode(first[0][0][0].tolist()) == "held out held ou"
+    assert len(list(val.batches(100))) == 5  # 180 tokens + EOS: 11 windows of 16, 5 batches of 2, then it stops
+    no_val_cfg = DataConfig(source="hub", path=str(jsonl_corpus))
+    _, no_val = build_loaders(no_val_cfg, seq_len=16, tokenizer=ByteTokenizer(), **LAYOUT)
+    assert no_val is None
+
+
+# --- the stdlib corpus ----------------------------------------------------------------------
+
+
+def test_stdlib_split_is_disjoint_and_deterministic():
+    train, val = load_stdlib(val_fraction=0.05)
+    train_again, val_again = load_stdlib(val_fraction=0.05)
+    assert list(train["text"]) == list(train_again["text"]) and list(val["text"]) == list(val_again["text"])
+    train_docs, val_docs = set(train["text"]), set(val["text"])
+    assert not train_docs & val_docs
+    assert len(train) > 500 and 0.02 < len(val) / (len(train) + len(val)) < 0.09
+    assert all(in_validation_split(doc, 0.05) for doc in val_docs)
+    assert any("def " in doc for doc in val_docs)
+
+
+def test_stdlib_loaders_end_to_end():
+    cfg = SimpleNamespace(**{**DataConfig().__dict__, "name": "stdlib"})  # any attribute-access config works
+    train, val = build_loaders(cfg, seq_len=32, tokenizer=ByteTokenizer(), **LAYOUT)
+    inputs, targets = next(train)
+    assert inputs.shape == (2, 32) and torch.equal(inputs[:, 1:], targets[:, :-1])
+    assert int(inputs.max()) <= EOS and int(inputs.min()) >= 0
+    assert train.batches_per_epoch * train.tokens_per_batch > 10_000_000  # tens of millions of bytes of Python
+    assert torch.equal(next(iter(val.batches(1)))[0], next(iter(val.batches(1)))[0])
+
+
+# --- distributed ----------------------------------------------------------------------------
+
+
+def _two_rank_worker(rank: int, corpus: str, out_dir: str, cache_dir: str) -> None:
+    datasets.config.HF_DATASETS_CACHE = cache_dir  # a spawned process does not inherit the test's patch
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=2)
+    train, _ = build_loaders(
+        files_cfg(corpus), seq_len=16, micro_batch_size=2, dp_rank=rank, dp_size=2, seed=5, tokenizer=ByteTokenizer()
+    )
+    batches = [next(train)[0] for _ in range(3)]
+    torch.save({"batches": batches, "state": train.state_dict()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_prepare_once_and_read_disjoint_windows(corpus, tmp_path):
+    mp.spawn(_two_rank_worker, args=(str(corpus), str(tmp_path), str(datasets.config.HF_DATASETS_CACHE)), nprocs=2)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert results[0]["state"] == results[1]["state"]
+    for a, b in zip(results[0]["batches"], results[1]["batches"]):
+        rows_a, rows_b = {tuple(r) for r in a.tolist()}, {tuple(r) for r in b.tolist()}
+        assert len(rows_a) == len(rows_b) == 2 and not rows_a & rows_b

@@ -1,0 +1,139 @@
+"""End-to-end training runs through launch/train.py: exact resume, crash safety, bad input."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TINY, read_metrics, run_train, train_command
+
+
+def files_data(corpus: Path) -> list[str]:
+    return ["data=files", f"data.path={corpus}"]
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_two_processes(corpus: Path, tmp_path: Path):
+    """8 steps straight equal 4 steps + stop + resume=auto to 8, bitwise, loss and val loss at every step."""
+    common = [
+        *files_data(corpus), *TINY, "trainer.max_steps=8", "trainer.grad_accum=2",
+        "trainer.checkpoint_every=4", "trainer.eval_every=4",
+    ]
+    straight = run_train([*common, f"run_dir={tmp_path / 'straight'}"], cwd=tmp_path, nproc=2)
+    assert straight.returncode == 0, straight.stderr
+    split_dir = tmp_path / "split"
+    first = run_train([*common, f"run_dir={split_dir}", "trainer.stop_after_steps=4"], cwd=tmp_path, nproc=2)
+    assert first.returncode == 0, first.stderr
+    assert [r["step"] for r in read_metrics(split_dir)] == [1, 2, 3, 4]
+    second = run_train([*common, f"run_dir={split_dir}"], cwd=tmp_path, nproc=2)
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stderr and "step-00000004" in second.stderr
+
+    expected = read_metrics(tmp_path / "straight")
+    resumed = read_metrics(split_dir)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for key in ("loss", "val_loss", "grad_norm", "lr", "tokens_seen"):
+        assert [r.get(key) for r in resumed] == [r.get(key) for r in expected], key
+    assert len({r["loss"] for r in expected}) == 8  # the losses really move, so equality means something
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_keeps_previous_one(corpus: Path, tmp_path: Path):
+    """Kill the trainer while it writes step 4; step 2 stays loadable and resume=auto continues from it."""
+    run_dir = tmp_path / "run"
+    # A model big enough (~14M parameters, ~170 MB per checkpoint) that a save takes a while to write.
+    overrides = [
+        *files_data(corpus), *TINY, "model.d_model=512", "model.n_layers=4", "model.ffn_dim=2048",
+        "trainer.max_steps=4", "trainer.checkpoint_every=2", f"run_dir={run_dir}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        train_command(overrides), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    partial = run_dir / ".step-00000004.tmp"
+    deadline = time.monotonic() + 240
+    while not partial.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert partial.is_dir(), "the trainer was not caught mid-save"
+    assert not (run_dir / "step-00000004").exists()
+    assert (run_dir / "step-00000002" / "COMPLETE").is_file()
+
+    resumed = run_train([*overrides, "resume=auto"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {run_dir / 'step-00000002'}" in resumed.stderr
+    assert (run_dir / "step-00000004" / "COMPLETE").is_file()
+    assert not partial.exists()  # the next save cleared the interrupted one
+
+
+def test_non_finite_loss_stops_without_checkpointing_it(corpus: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    result = run_train(
+        [*files_data(corpus), *TINY, "optim.lr=1e12", "optim.grad_clip=0", "optim.warmup_fraction=0",
+         "trainer.max_steps=20", "trainer.checkpoint_every=1", f"run_dir={run_dir}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    message = [line for line in result.stderr.splitlines() if "non-finite" in line]
+    assert message, result.stderr
+    bad_step = int(message[0].split("at step ")[1].split()[0])
+    saved = sorted(p.name for p in run_dir.glob("step-*"))
+    assert f"step-{bad_step:08d}" not in saved
+    assert all(int(name.split("-")[1]) < bad_step for name in saved)
+
+
+BAD_INPUTS = {
+    "unknown config option": (["model=rat_huge"], "Could not find 'model/rat_huge'"),
+    "missing data path": (["data=files", "data.path=/no/such/folder"], "data.path '/no/such/folder' does not exist"),
+    "sequence too long for the model": (["data.seq_len=8192"], "exceeds model.max_seq_len (4096)"),
+    "chunk size beyond the sequence": (["data.seq_len=8", "model.mixer_options.rat.chunk_size=16"], "exceeds data.seq_len (8)"),
+    "heads do not divide d_model": (["model.n_heads=3"], "must be a multiple of model.n_heads (3)"),
+    "unknown mixer": (["model.layers=[rat,mamba]"], "unknown mixer 'mamba'"),
+    "bad precision": (["trainer.precision=fp8"], "trainer.precision must be auto, fp32 or bf16"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_fails_in_one_line_and_writes_nothing(case: str, tmp_path: Path):
+    overrides, expected = BAD_INPUTS[case]
+    run_dir = tmp_path / "run"
+    result = run_train([*overrides, f"run_dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if expected in line]
+    assert len(lines) == 1, result.stderr
+    assert not run_dir.exists()
+    assert list(tmp_path.iterdir()) == []  # nothing written anywhere: no outputs/, no logs
+
+
+def test_empty_data_set_is_an_error(tmp_path: Path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "empty.txt").write_text("")
+    result = run_train(["data=files", f"data.path={data}", f"run_dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "lsys: error:" in result.stderr and "empty" in result.stderr.lower()
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_utf8_file_is_skipped_with_a_warning(corpus: Path, tmp_path: Path):
+    (corpus / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1"))
+    run_dir = tmp_path / "run"
+    result = run_train([*files_data(corpus), *TINY, "trainer.max_steps=1", f"run_dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "latin1.txt" in result.stderr and "UTF-8" in result.stderr
+
+
+def test_existing_checkpoints_are_not_overwritten_without_resume(corpus: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    overrides = [*files_data(corpus), *TINY, "trainer.max_steps=1", f"run_dir={run_dir}"]
+    assert run_train(overrides, cwd=tmp_path).returncode == 0
+    before = (run_dir / "step-00000001" / "model.safetensors").read_bytes()
+    result = run_train([*overrides, "resume=none", "trainer.max_steps=2"], cwd=tmp_path)
+    assert result.returncode == 1
+    assert "already holds checkpoint step-00000001" in result.stderr
+    assert (run_dir / "step-00000001" / "model.safetensors").read_bytes() == before
+    assert not (run_dir / "step-00000002").exists()
