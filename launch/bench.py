@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lsys.bench import REPO, machine_line, measure_training, training_table
+from lsys.bench import REPO, machine_line, measure_training, training_table, write_section
 
 
 def main() -> None:
@@ -23,16 +23,14 @@ def main() -> None:
             for nproc in (1, 2)
         ]
     command = shlex.join(["python", "launch/bench.py", *sys.argv[1:]])
-    section = (
-        "## Training throughput, CPU quick start\n\n"
-        f"Measured on {machine_line()} with `{command}`: the default quick-start settings "
+    body = (
+        f"Measured on {machine_line()} with `{command}`: the quick-start settings "
         f"(stdlib text, byte tokenizer, seq_len 256, 8 windows per process per step), {args.steps} steps, "
-        "one intra-op thread per process, tokens/s averaged over the logged intervals after the first.\n\n"
-        f"{training_table(results)}\n"
+        "one intra-op thread per process, tokens/s averaged over steps 11 to the end (the first ten warm up).\n\n"
+        f"{training_table(results)}"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("# Performance\n\nEach table is written by the command shown with it.\n\n" + section)
-    print(section)
+    write_section(args.out, "Training throughput, CPU quick start", body)
+    print(body)
 
 
 if __name__ == "__main__":

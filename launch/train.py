@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from lsys.train import run
+from lsys.train.trainer import run
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

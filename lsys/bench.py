@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ def measure_training(model: str, nproc: int, steps: int, work_dir: Path, overrid
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env, cwd=work_dir, capture_output=True, text=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if "tokens_per_s" in r][1:]  # the first interval includes warm-up
+    timed = [r for r in records if "tokens_per_s" in r][2:]  # steps 1 and 2-10 include warm-up
     return TrainThroughput(
         model=model,
         nproc=nproc,
@@ -63,3 +64,15 @@ def training_table(results: list[TrainThroughput]) -> str:
 def machine_line() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     return f"{device}, {platform.python_implementation()} {platform.python_version()}, torch {torch.__version__}"
+
+
+def write_section(path: Path, heading: str, body: str) -> None:
+    """Put `## heading` + body into the markdown file at `path`, replacing that section if present."""
+    text = path.read_text() if path.exists() else "# Performance\n\nEach table is written by the command shown with it.\n"
+    sections = re.split(r"(?m)^(?=## )", text)
+    new = f"## {heading}\n\n{body.strip()}\n\n"
+    kept = [new if section.startswith(f"## {heading}\n") else section for section in sections]
+    if new not in kept:
+        kept.append(new)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(kept).rstrip() + "\n")

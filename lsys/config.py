@@ -5,6 +5,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lsys.models import MIXERS, ModelConfig
+from lsys.train.engine import ENGINES
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,8 @@ def check_config(cfg: DictConfig) -> list[str]:
         problems.append(f"trainer.keep_checkpoints must be at least 1, got {trainer.keep_checkpoints}")
     if trainer.precision not in ("auto", "fp32", "bf16"):
         problems.append(f"trainer.precision must be auto, fp32 or bf16, got {trainer.precision!r}")
+    if cfg.parallel.engine not in ENGINES:
+        problems.append(f"parallel.engine must be one of {sorted(ENGINES)}, got {cfg.parallel.engine!r}")
     if optim.lr <= 0:
         problems.append(f"optim.lr must be positive, got {optim.lr}")
     if not 0 <= optim.warmup_fraction < 1:

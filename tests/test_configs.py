@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from lsys.config import check_config, model_config
 from lsys.models import build_model
-from lsys.train import run
+from lsys.train.trainer import run
 from tests.conftest import CONF_DIR, TINY, read_metrics
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -22,7 +22,7 @@ def compose_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def test_every_group_option_composes_and_validates(corpus: Path):
+def test_every_group_option_composes_and_validates(corpus: Path, tokenizer_file: Path):
     groups = [p.name for p in CONF_DIR.iterdir() if p.is_dir()]
     checked = 0
     for group in groups:
@@ -30,11 +30,35 @@ def test_every_group_option_composes_and_validates(corpus: Path):
             overrides = [f"{group}={option}"]
             if group == "data" and option in ("files", "hub"):
                 overrides.append(f"data.path={corpus}")
+            if group == "experiment":
+                overrides.append(f"data.tokenizer.path={tokenizer_file}")
             cfg = compose_config(overrides)
             OmegaConf.resolve(cfg)
             assert check_config(cfg) == [], (group, option)
             checked += 1
-    assert checked >= len(MODELS) + 3
+    assert checked >= len(MODELS) + 4
+
+
+@pytest.fixture
+def tokenizer_file(tmp_path: Path, corpus: Path) -> Path:
+    """A small BPE tokenizers JSON with a </s> token, as the experiments expect."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tokenizer.train([str(p) for p in corpus.iterdir()], trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"]))
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_experiments_build_on_meta(name: str, tokenizer_file: Path):
+    cfg = compose_config([f"experiment={name}", f"data.tokenizer.path={tokenizer_file}"])
+    assert check_config(cfg) == []
+    model = build_model(model_config(cfg), device="meta")
+    print(f"{name}: {model.num_params():,} parameters")
+    assert model.num_params() > 0
 
 
 @pytest.mark.parametrize("name", LARGE_MODELS)
@@ -60,7 +84,8 @@ def test_rat_1b_has_the_papers_parameter_count():
 def test_tiny_models_run_a_step(name: str, corpus: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     cfg = compose_config(
-        [f"model={name}", "data=files", f"data.path={corpus}", f"run_dir={run_dir}", "trainer.max_steps=2", *TINY]
+        [f"model={name}", "data=files", f"data.path={corpus}", f"run_dir={run_dir}", "trainer.max_steps=2",
+         "trainer.tensorboard=true", *TINY]
     )
     assert run(cfg) == 0
     records = read_metrics(run_dir)
@@ -68,3 +93,4 @@ def test_tiny_models_run_a_step(name: str, corpus: Path, tmp_path: Path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert (run_dir / "step-00000002" / "COMPLETE").is_file()
     assert OmegaConf.load(run_dir / "config.yaml").model.name == name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))

@@ -94,6 +94,7 @@ BAD_INPUTS = {
     "heads do not divide d_model": (["model.n_heads=3"], "must be a multiple of model.n_heads (3)"),
     "unknown mixer": (["model.layers=[rat,mamba]"], "unknown mixer 'mamba'"),
     "bad precision": (["trainer.precision=fp8"], "trainer.precision must be auto, fp32 or bf16"),
+    "unknown engine": (["parallel.engine=fsdp"], "parallel.engine must be one of ['ddp']"),
 }
 
 

@@ -1,5 +1,1 @@
-"""Training: the loop, engines, optimizer and schedule, checkpoints and metrics."""
-
-from lsys.train.trainer import Trainer, run
-
-__all__ = ["Trainer", "run"]
+"""Training: the loop (trainer), engines, optimizer and schedule, checkpoints and metrics."""

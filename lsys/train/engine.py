@@ -106,3 +106,7 @@ class DDPEngine:
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(scheduler_state)
+
+
+# `parallel.engine` picks one; DeepSpeed ZeRO joins here with the same interface.
+ENGINES = {"ddp": DDPEngine}

@@ -6,6 +6,7 @@ import sys
 from itertools import islice
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +17,7 @@ from lsys.config import ConfigError, check_config, model_config
 from lsys.data import DataError, build_loaders, build_tokenizer
 from lsys.models import build_model
 from lsys.train.checkpoint import Checkpointer, CheckpointError, check_fits, rng_state, set_rng_state
-from lsys.train.engine import DDPEngine, NonFiniteLossError
+from lsys.train.engine import ENGINES, NonFiniteLossError
 from lsys.train.metrics import MetricsLogger, Throughput, device_peak_flops, peak_memory_bytes
 from lsys.train.optim import build_optimizer, build_scheduler
 from parallel import World, barrier, init_distributed, shutdown
@@ -29,6 +30,8 @@ def setup_logging(world: World, run_dir: Path | None) -> None:
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.INFO if world.is_main else logging.WARNING)
+    if not world.is_main:
+        datasets.disable_progress_bars()  # one set of bars, rank 0's
     formatter = logging.Formatter("[lsys %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stderr)]
     if run_dir is not None and world.is_main:
@@ -72,7 +75,7 @@ class Trainer:
         self.model = build_model(model_cfg, world.device)
         optimizer = build_optimizer(self.model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
-        self.engine = DDPEngine(
+        self.engine = ENGINES[cfg.parallel.engine](
             self.model, optimizer, scheduler, world=world, grad_clip=cfg.optim.grad_clip, precision=cfg.trainer.precision
         )
         self.step, self.tokens_seen = 0, 0
@@ -159,7 +162,7 @@ class Trainer:
                 progress.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
 
                 record = {"step": self.step}
-                if self.step % tc.log_every == 0 or self.step == last_step:
+                if self.step % tc.log_every == 0 or self.step in (1, last_step):
                     tokens_per_s = throughput.read()
                     per_device = tokens_per_s / self.world.world_size
                     record |= {
