@@ -3,13 +3,15 @@
 VENV ?= .venv
 NPROC ?= 2
 PY := $(VENV)/bin/python
+# A fresh run directory per quick start, the same for both ranks.
+RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: install quickstart test
 install:
 	bash scripts/install.sh $(VENV) dev
 
 quickstart: install
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) launch/train.py run_name=quickstart resume=none
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) launch/train.py run_name=$(RUN_NAME)
 
 test: install
 	$(PY) -m pytest -q

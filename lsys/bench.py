@@ -68,7 +68,7 @@ def machine_line() -> str:
 
 def write_section(path: Path, heading: str, body: str) -> None:
     """Put `## heading` + body into the markdown file at `path`, replacing that section if present."""
-    text = path.read_text() if path.exists() else "# Performance\n\nEach table is written by the command shown with it.\n"
+    text = path.read_text() if path.exists() else "# Performance\n\nEach table is written by the command shown with it.\n\n"
     sections = re.split(r"(?m)^(?=## )", text)
     new = f"## {heading}\n\n{body.strip()}\n\n"
     kept = [new if section.startswith(f"## {heading}\n") else section for section in sections]

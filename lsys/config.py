@@ -57,7 +57,7 @@ def check_model(model: ModelConfig, seq_len: int) -> list[str]:
 
 
 def check_config(cfg: DictConfig) -> list[str]:
-    """Every problem with `cfg` that can be seen before touching data, devices or the run directory."""
+    """Every problem with `cfg` that shows without reading data; data problems raise DataError when it loads."""
     try:
         problems = check_model(model_config(cfg), cfg.data.seq_len)
     except ConfigError as error:
@@ -76,15 +76,6 @@ def check_config(cfg: DictConfig) -> list[str]:
         problems.append(f"optim.lr must be positive, got {optim.lr}")
     if not 0 <= optim.warmup_fraction < 1:
         problems.append(f"optim.warmup_fraction must be in [0, 1), got {optim.warmup_fraction}")
-    if cfg.data.source == "files":
-        paths = cfg.data.path if OmegaConf.is_list(cfg.data.path) else [cfg.data.path]
-        if cfg.data.path is None:
-            problems.append("data.path is required for data.source=files (a file, folder or glob)")
-        for path in paths if cfg.data.path is not None else []:
-            if not any(ch in str(path) for ch in "*?[") and not Path(path).exists():
-                problems.append(f"data.path {str(path)!r} does not exist")
-    if cfg.data.tokenizer.kind == "hf" and not Path(str(cfg.data.tokenizer.path)).is_file():
-        problems.append(f"data.tokenizer.path {cfg.data.tokenizer.path!r} is not a tokenizer JSON file")
     if str(cfg.resume) not in ("auto", "none") and not Path(str(cfg.resume)).is_dir():
         problems.append(f"resume={cfg.resume!r}: use auto, none, or an existing checkpoint folder")
     return problems

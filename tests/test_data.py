@@ -28,7 +28,7 @@ from lsys.data import (
     build_tokenizer,
 )
 from lsys.data.packing import token_stream, tokenize_documents
-from lsys.data.sources import in_validation_split, load_files, load_stdlib
+from lsys.data.sources import in_validation_split, load_files, load_hub, load_stdlib
 
 EOS = ByteTokenizer.eos_id
 LAYOUT = {"micro_batch_size": 2, "dp_rank": 0, "dp_size": 1, "seed": 0}
@@ -443,3 +443,8 @@ def test_two_gloo_ranks_prepare_once_and_read_disjoint_windows(corpus, tmp_path)
     for a, b in zip(results[0]["batches"], results[1]["batches"]):
         rows_a, rows_b = {tuple(r) for r in a.tolist()}, {tuple(r) for r in b.tolist()}
         assert len(rows_a) == len(rows_b) == 2 and not rows_a & rows_b
+
+
+def test_hub_data_set_that_cannot_be_opened_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="cannot be opened from the hub"):
+        load_hub(str(tmp_path / "no-such-data-set"), hub_config=None, split="train", val_split=None)

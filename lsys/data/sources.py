@@ -107,8 +107,11 @@ def load_files(
 
 def load_hub(path: str, *, hub_config: str | None, split: str, val_split: str | None) -> StreamSplits:
     """A hub data set's (train, validation) splits, streamed; validation is None without `val_split`."""
-    train = datasets.load_dataset(path, hub_config, split=split, streaming=True)
-    val = datasets.load_dataset(path, hub_config, split=val_split, streaming=True) if val_split else None
+    try:
+        train = datasets.load_dataset(path, hub_config, split=split, streaming=True)
+        val = datasets.load_dataset(path, hub_config, split=val_split, streaming=True) if val_split else None
+    except (OSError, ValueError) as error:  # ConnectionError, DatasetNotFoundError, unknown split or config
+        raise DataError(f"data.path '{path}' (config {hub_config}) cannot be opened from the hub: {error}") from None
     return train, val
 
 

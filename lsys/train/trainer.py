@@ -3,6 +3,7 @@
 import logging
 import random
 import sys
+from contextlib import closing
 from itertools import islice
 from pathlib import Path
 
@@ -82,13 +83,22 @@ class Trainer:
         self.tokens_per_step = cfg.data.seq_len * cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * world.world_size
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak_flops = device_peak_flops(world.device)
-        log.info(
-            "model %s: %s parameters (%s without embeddings), %s mixers",
-            model_cfg.name, f"{self.model.num_params():,}", f"{self.model.num_params(exclude_embedding=True):,}",
-            "/".join(model_cfg.layers),
-        )
+        self.resumed_from = None
         if resume_from is not None:
             self._restore(resume_from)
+
+    def describe(self) -> str:
+        """What is being trained and from where: the run's first log lines."""
+        model = self.model
+        lines = [
+            f"model {model.cfg.name}: {model.num_params():,} parameters "
+            f"({model.num_params(exclude_embedding=True):,} without embeddings), mixers {'/'.join(model.cfg.layers)}",
+            f"{self.world.world_size} rank(s) on {self.world.device.type}, "
+            f"{self.tokens_per_step:,} tokens per step, {self.flops_per_token:.3g} FLOPs per token",
+        ]
+        if self.resumed_from is not None:
+            lines.append(f"resumed from {self.resumed_from} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+        return "\n".join(lines)
 
     def _resume_path(self) -> Path | None:
         latest = self.checkpointer.latest()
@@ -116,7 +126,7 @@ class Trainer:
         self.engine.load(checkpoint.model, checkpoint.optimizer, checkpoint.trainer["scheduler"])
         set_rng_state(checkpoint.rank_state["rng"])
         self.step, self.tokens_seen = checkpoint.trainer["step"], checkpoint.trainer["tokens_seen"]
-        log.info("resumed from %s at step %d (%s tokens seen)", path, self.step, f"{self.tokens_seen:,}")
+        self.resumed_from = path
 
     def save(self) -> None:
         trainer_state = {
@@ -144,7 +154,7 @@ class Trainer:
             total=tc.max_steps, initial=self.step, desc="train", unit="step", mininterval=1.0,
             disable=not (self.world.is_main and tc.progress_bar), dynamic_ncols=True,
         )
-        with logging_redirect_tqdm(), progress:
+        with logging_redirect_tqdm(), progress, closing(metrics):
             while self.step < last_step:
                 throughput.start()
                 micro_batches = list(islice(batches, tc.grad_accum))
@@ -181,7 +191,6 @@ class Trainer:
                     metrics.write(record)
                 if self.step % tc.checkpoint_every == 0 or self.step == last_step:
                     self.save()
-        metrics.close()
 
 
 def run(cfg: DictConfig) -> int:
@@ -200,6 +209,8 @@ def run(cfg: DictConfig) -> int:
         barrier()
         setup_logging(world, run_dir)
         log.info("run directory %s", run_dir.resolve())
+        for line in trainer.describe().splitlines():
+            log.info(line)
         trainer.fit()
         return 0
     except ConfigError as error:
