@@ -9,7 +9,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import time
+
 import torch
+
+from lsys.models import MIXERS, ModelConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,3 +80,60 @@ def write_section(path: Path, heading: str, body: str) -> None:
         kept.append(new)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(kept).rstrip() + "\n")
+
+
+# The mixers compared in docs/perf.md, with the options of their 1B configs.
+MIXER_OPTIONS = {
+    "attention": {},
+    "rat": {"chunk_size": 16, "qk_groups": 2},
+    "local": {"window": 1024},
+    "s2": {"block_size": 64, "local_blocks": 16, "vert_stride": 8},
+    "lightning": {},
+}
+
+
+def mixer_config(name: str, d_model: int, n_heads: int) -> ModelConfig:
+    options = {name: MIXER_OPTIONS[name]} if MIXER_OPTIONS[name] else {}
+    return ModelConfig(
+        vocab_size=256, d_model=d_model, n_layers=1, n_heads=n_heads, ffn_dim=d_model, layers=[name],
+        mixer_options=options, max_seq_len=1 << 20,
+    )
+
+
+def seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def layer_seconds(name: str, seq_len: int, *, d_model: int, n_heads: int, repeats: int) -> float:
+    """Forward + backward time of one mixer layer on `[1, seq_len, d_model]` fp32 input."""
+    torch.manual_seed(0)
+    cfg = mixer_config(name, d_model, n_heads)
+    mixer = MIXERS[name](cfg, **cfg.mixer_options.get(name, {}))
+    x = torch.randn(1, seq_len, d_model, requires_grad=True)
+
+    def step():
+        mixer(x).sum().backward()
+
+    return seconds(step, repeats)
+
+
+def decode_stats(name: str, context: int, *, d_model: int, n_heads: int, new_tokens: int) -> tuple[float, int]:
+    """(tokens/s decoding one row after a `context`-token prompt, cache bytes of the layer at that point)."""
+    torch.manual_seed(0)
+    model = build_model(mixer_config(name, d_model, n_heads)).eval()
+    caches = model.init_caches(1, context + new_tokens)
+    with torch.no_grad():
+        model.prefill(torch.randint(0, 256, (1, context)), caches)
+        tokens = torch.randint(0, 256, (new_tokens, 1, 1))
+        start = time.perf_counter()
+        for token in tokens:
+            model.decode(token, caches)
+        elapsed = time.perf_counter() - start
+    return new_tokens / elapsed, model.init_caches(1, context)[0].nbytes()

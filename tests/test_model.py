@@ -23,7 +23,7 @@ def test_lm_is_causal_at_any_length(layers: list[str], seq_len: int):
     model = build_model(tiny(layers)).double()
     tokens = torch.randint(0, 50, (2, seq_len))
     logits = model(tokens)
-    assert logits.shape == (2, seq_len, 50) and logits.dtype == torch.float32
+    assert logits.shape == (2, seq_len, 50) and logits.dtype == torch.float64
     for t in sorted({0, seq_len // 2, seq_len - 2}):
         changed = tokens.clone()
         changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % 50  # every later token differs

@@ -321,3 +321,30 @@ def test_float32_close_to_float64_reference(B, T, H, D, L, base, n_prefix, cs):
     for name, a, b in zip(["q", "k", "v", "g", "prefix_k", "prefix_v"], gr32, gr64):
         assert a.dtype == torch.float32
         assert _rel_err(a, b) <= F32_TOL, f"grad {name} rel err {_rel_err(a, b):.3e}"
+
+
+def test_gate_outside_unit_interval_is_refused_in_debug_mode(monkeypatch):
+    q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
+    g = torch.sigmoid(torch.randn(1, 8, 2, 16))
+    g[0, 3, 1, 5] = 1.5
+    kernels.rat(q, k, v, g, chunk_size=4)  # unchecked by default: no device sync on the hot path
+    monkeypatch.setenv("LSYS_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"forget gate g must lie in \(0, 1\)"):
+        kernels.rat(q, k, v, g, chunk_size=4)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(chunk_size=0), "chunk_size must be positive"),
+        (dict(k=torch.randn(1, 7, 2, 16)), "must share one"),
+        (dict(prefix_k=torch.randn(1, 1, 2, 16)), "prefix_k and prefix_v together"),
+        (dict(backend="cuda-magic"), "unknown backend"),
+    ],
+)
+def test_bad_input_is_a_clear_error(change, message):
+    args = dict(q=torch.randn(1, 8, 2, 16), k=torch.randn(1, 8, 2, 16), v=torch.randn(1, 8, 2, 16),
+                g=torch.sigmoid(torch.randn(1, 8, 2, 16)), chunk_size=4)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        kernels.rat(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("g"), **args)

@@ -1,4 +1,10 @@
-"""The fused RAT layer core: `rat(q, k, v, g, chunk_size=...)`; `naive.py` is its definition."""
+"""The fused RAT layer core: `rat(q, k, v, g, chunk_size=...)`; `naive.py` is its definition.
+
+With the environment variable LSYS_DEBUG=1 the gate's range is checked on every call
+(a device sync, so it is off by default).
+"""
+
+import os
 
 from torch import Tensor
 
@@ -31,6 +37,10 @@ def rat(
         raise ValueError(
             f"rat: q, k, v, g must share one [B, T, H, D] shape, got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(g.shape)}"
+        )
+    if os.environ.get("LSYS_DEBUG") == "1" and not ((g > 0) & (g < 1)).all():
+        raise ValueError(
+            f"rat: the forget gate g must lie in (0, 1), got values in [{g.min().item()}, {g.max().item()}]"
         )
     if (prefix_k is None) != (prefix_v is None):
         raise ValueError("rat: pass prefix_k and prefix_v together")

@@ -1,12 +1,25 @@
-"""Causal multi-head softmax attention with RoPE, through torch SDPA."""
+"""Causal multi-head softmax attention with RoPE, and its key/value cache.
+
+`local` and `s2` subclass this: they change which keys a query sees (`mask_options`)
+and what the decoding cache keeps (`init_cache`, `store_*`, `cached_keys`).
+"""
+
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+import kernels
 from kernels import apply_rope, rope_angles
+from lsys.models.cache import Cache, attend, rotate_rows
 from lsys.models.config import ModelConfig
 from lsys.models.registry import register_mixer
+
+
+@dataclass
+class KVCache(Cache):
+    keys: Tensor  # [B, max_len, H, D], rotated
+    values: Tensor
 
 
 @register_mixer("attention")
@@ -14,6 +27,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim, self.rope_base = cfg.n_heads, cfg.head_dim, cfg.rope_base
+        self.scale = cfg.head_dim**-0.5
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
@@ -26,10 +40,64 @@ class Attention(nn.Module):
         # QK^T and PV: 2 matmuls of 2*d_model FLOPs per visible key; causal sees (T+1)/2 keys on average.
         return 4 * cfg.d_model * (seq_len + 1) / 2
 
-    def forward(self, x: Tensor) -> Tensor:
+    def mask_options(self) -> dict:
+        """Extra arguments of kernels.attention that shape the mask (window, s2)."""
+        return {}
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, seq_len, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).unbind(dim=2)
+        return self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).unbind(dim=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._attend_prompt(x)[0]
+
+    def _attend_prompt(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Output for a whole sequence from position 0, and its rotated keys and values."""
+        batch, seq_len, _ = x.shape
+        q, k, v = self.project(x)
         cos, sin = rope_angles(torch.arange(seq_len, device=x.device), self.head_dim, self.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(batch, seq_len, -1))
+        y = kernels.attention(q, k, v, causal=True, **self.mask_options())
+        return self.out(y.reshape(batch, seq_len, -1)), k, v
+
+    # Decoding: prefill writes a prompt's keys, decode adds one token per row.
+
+    def init_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        shape = (batch_size, max_len, self.n_heads, self.head_dim)
+        return KVCache(
+            lengths=torch.zeros(batch_size, dtype=torch.long, device=device),
+            keys=torch.zeros(shape, device=device, dtype=dtype),
+            values=torch.zeros(shape, device=device, dtype=dtype),
+        )
+
+    def prefill(self, x: Tensor, cache: Cache) -> Tensor:
+        """Like forward for prompts starting at position 0 (every row of `x` as long), filling `cache`."""
+        y, k, v = self._attend_prompt(x)
+        self.store_prompt(cache, k, v)
+        cache.lengths += x.shape[1]
+        return y
+
+    def decode(self, x: Tensor, cache: Cache) -> Tensor:
+        """One new token per row, `x [B, 1, d_model]`, at each row's own position."""
+        positions = cache.lengths.clone()
+        q, k, v = self.project(x)
+        q, k = rotate_rows(q, positions, self.rope_base), rotate_rows(k, positions, self.rope_base)
+        self.store_token(cache, k, v, positions)
+        keys, values, visible = self.cached_keys(cache, positions)
+        y = attend(q, keys, values, visible, self.scale)
+        cache.lengths += 1
+        return self.out(y.reshape(x.shape[0], 1, -1))
+
+    def store_prompt(self, cache: KVCache, k: Tensor, v: Tensor) -> None:
+        cache.keys[:, : k.shape[1]] = k
+        cache.values[:, : v.shape[1]] = v
+
+    def store_token(self, cache: KVCache, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        rows = torch.arange(k.shape[0], device=k.device)
+        cache.keys[rows, positions] = k[:, 0]
+        cache.values[rows, positions] = v[:, 0]
+
+    def cached_keys(self, cache: KVCache, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys, values and the `[B, S]` or `[B, H, S]` mask of what each row's new token sees."""
+        slots = torch.arange(cache.keys.shape[1], device=positions.device)
+        return cache.keys, cache.values, slots[None, :] <= positions[:, None]

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lsys.models.cache import Cache
 from lsys.models.config import ModelConfig
 from lsys.models.registry import MIXERS
 
@@ -29,8 +30,15 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.mixer(self.mixer_norm(x))
+    def forward(self, x: Tensor, cache: Cache | None = None, mode: str = "train") -> Tensor:
+        """mode "train": the whole sequence; "prefill": a prompt into an empty cache; "decode": one token."""
+        h = self.mixer_norm(x)
+        if mode == "train":
+            x = x + self.mixer(h)
+        elif mode == "prefill":
+            x = x + self.mixer.prefill(h, cache)
+        else:
+            x = x + self.mixer.decode(h, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -53,13 +61,27 @@ class LM(nn.Module):
                 std /= math.sqrt(2 * self.cfg.n_layers)
             nn.init.normal_(param, mean=0.0, std=std)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Logits `[B, T, vocab]` (fp32) for token ids `[B, T]`."""
+    def forward(self, tokens: Tensor, caches: list[Cache] | None = None, mode: str = "train") -> Tensor:
+        """Logits `[B, T, vocab]` (fp32 or wider) for token ids `[B, T]`; with caches, `mode` is "prefill" or "decode"."""
         x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, caches[layer] if caches is not None else None, mode)
         # Tied head: the embedding matrix maps back to the vocabulary.
-        return F.linear(self.final_norm(x), self.embed.weight).float()
+        logits = F.linear(self.final_norm(x), self.embed.weight)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def init_caches(self, batch_size: int, max_len: int) -> list[Cache]:
+        """Empty decoding caches, one per layer, for `batch_size` rows of up to `max_len` tokens."""
+        weight = self.embed.weight
+        return [block.mixer.init_cache(batch_size, max_len, weight.device, weight.dtype) for block in self.blocks]
+
+    def prefill(self, tokens: Tensor, caches: list[Cache]) -> Tensor:
+        """Logits for prompts `[B, T]` of one length, read into empty caches."""
+        return self(tokens, caches, mode="prefill")
+
+    def decode(self, tokens: Tensor, caches: list[Cache]) -> Tensor:
+        """Logits `[B, 1, vocab]` for one new token per row, each at its own position."""
+        return self(tokens, caches, mode="decode")
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())

@@ -4,14 +4,29 @@ One input projection gives the output gate z, the values v, the forget gate g (e
 d_model wide) and queries/keys q, k for G groups shared by all heads (head h uses
 group h mod G). The gate g = sigmoid(g + b_g) is computed in fp32 per channel; the
 core (kernels.rat) runs the gated scan in fp32 too. The output is W_out(sigmoid(z) * y).
+
+Decoding cache: the chunk summaries seen so far (T/L of them, rotated) plus the running
+state of the current chunk: L times smaller than attention's keys and values.
 """
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 import kernels
+from kernels.rat.naive import chunk_scan, chunk_summaries
+from lsys.models.cache import Cache, attend, rotate_rows
 from lsys.models.config import ModelConfig
 from lsys.models.registry import register_mixer
+
+
+@dataclass
+class RATCache(Cache):
+    summary_keys: Tensor  # [B, max_chunks, H, D], key summaries rotated by their chunk index
+    summary_values: Tensor
+    state_keys: Tensor  # [B, 1, H, D] running k~ and v~ of the current chunk (fp32 at least)
+    state_values: Tensor
 
 
 @register_mixer("rat")
@@ -20,6 +35,7 @@ class RAT(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.rope_base = cfg.n_heads, cfg.head_dim, cfg.rope_base
         self.chunk_size, self.qk_groups = chunk_size, qk_groups
+        self.scale = cfg.head_dim**-0.5
         d, group_width = cfg.d_model, qk_groups * cfg.head_dim
         self.split_sizes = [d, d, d, group_width, group_width]  # z, v, g, q, k
         self.in_proj = nn.Linear(d, sum(self.split_sizes), bias=False)
@@ -48,7 +64,8 @@ class RAT(nn.Module):
         visible = (seq_len / chunk_size + 1) / 2 + 1
         return 12 * cfg.d_model + 4 * cfg.d_model * visible
 
-    def forward(self, x: Tensor) -> Tensor:
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(z, q, k, v, forget gate), the last four as `[B, T, H, D]` with the q/k groups repeated over heads."""
         batch, seq_len, _ = x.shape
         z, v, g, q, k = self.in_proj(x).split(self.split_sizes, dim=-1)
         heads_shape = (batch, seq_len, self.n_heads, self.head_dim)
@@ -57,8 +74,71 @@ class RAT(nn.Module):
         repeats = self.n_heads // self.qk_groups
         q = q.view(groups_shape).repeat(1, 1, repeats, 1)
         k = k.view(groups_shape).repeat(1, 1, repeats, 1)
-        forget = torch.sigmoid(g.float() + self.gate_bias.float()).view(heads_shape)
-        y = kernels.rat(
-            q, k, v.view(heads_shape), forget, chunk_size=self.chunk_size, rope_base=self.rope_base
+        gate_dtype = torch.promote_types(g.dtype, torch.float32)  # fp32 under bf16 autocast
+        forget = torch.sigmoid(g.to(gate_dtype) + self.gate_bias.to(gate_dtype)).view(heads_shape)
+        return z, q, k, v.view(heads_shape), forget
+
+    def forward(self, x: Tensor) -> Tensor:
+        z, q, k, v, forget = self.project(x)
+        y = kernels.rat(q, k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base)
+        return self.out(torch.sigmoid(z) * y.flatten(2))
+
+    def init_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> RATCache:
+        chunks = -(-max_len // self.chunk_size)
+        state_dtype = torch.promote_types(dtype, torch.float32)
+
+        def zeros(length: int, dtype: torch.dtype) -> Tensor:
+            return torch.zeros(batch_size, length, self.n_heads, self.head_dim, device=device, dtype=dtype)
+
+        return RATCache(
+            lengths=torch.zeros(batch_size, dtype=torch.long, device=device),
+            summary_keys=zeros(chunks, dtype),
+            summary_values=zeros(chunks, dtype),
+            state_keys=zeros(1, state_dtype),
+            state_values=zeros(1, state_dtype),
         )
-        return self.out(torch.sigmoid(z) * y.reshape(batch, seq_len, -1))
+
+    def prefill(self, x: Tensor, cache: RATCache) -> Tensor:
+        """Like forward for prompts starting at position 0, keeping the summaries and the running state."""
+        z, q, k, v, forget = self.project(x)
+        y = kernels.rat(q, k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base)
+        summary_k, summary_v = chunk_summaries(k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base)
+        cache.summary_keys[:, : summary_k.shape[1]] = summary_k
+        cache.summary_values[:, : summary_v.shape[1]] = summary_v
+        tail = x.shape[1] % self.chunk_size  # tokens of the unfinished last chunk
+        if tail:
+            state_dtype = cache.state_keys.dtype
+            gate = forget[:, -tail:, None].to(state_dtype).transpose(1, 2)  # one chunk of `tail` steps
+            cache.state_keys[:] = chunk_scan(k[:, -tail:, None].to(state_dtype).transpose(1, 2), gate, tail)[:, :, -1]
+            cache.state_values[:] = chunk_scan(v[:, -tail:, None].to(state_dtype).transpose(1, 2), gate, tail)[:, :, -1]
+        cache.lengths += x.shape[1]
+        return self.out(torch.sigmoid(z) * y.flatten(2))
+
+    def decode(self, x: Tensor, cache: RATCache) -> Tensor:
+        """One token per row: advance the chunk's running state, attend to earlier summaries and to it."""
+        positions = cache.lengths
+        chunk = positions // self.chunk_size
+        z, q, k, v, forget = self.project(x)
+        state_dtype = cache.state_keys.dtype
+        fresh = (positions % self.chunk_size == 0)[:, None, None, None]  # a new chunk starts from a zero state
+        state_k = torch.where(fresh, 0.0, cache.state_keys)
+        state_v = torch.where(fresh, 0.0, cache.state_values)
+        state_k = forget * state_k + (1 - forget) * k.to(state_dtype)
+        state_v = forget * state_v + (1 - forget) * v.to(state_dtype)
+        cache.state_keys[:], cache.state_values[:] = state_k, state_v
+
+        q = rotate_rows(q.to(state_dtype), chunk, self.rope_base)
+        own_key = rotate_rows(state_k, chunk, self.rope_base)
+        keys = torch.cat([cache.summary_keys.to(state_dtype), own_key], dim=1)
+        values = torch.cat([cache.summary_values.to(state_dtype), state_v], dim=1)
+        slots = torch.arange(keys.shape[1], device=x.device)
+        visible = (slots[None, :] < chunk[:, None]) | (slots[None, :] == keys.shape[1] - 1)
+        y = attend(q, keys, values, visible, self.scale).to(v.dtype)
+
+        # A chunk that ends with this token leaves its summary for every later token.
+        complete = ((positions + 1) % self.chunk_size == 0)[:, None, None]
+        rows = torch.arange(x.shape[0], device=x.device)
+        for summaries, state in ((cache.summary_keys, own_key), (cache.summary_values, state_v)):
+            summaries[rows, chunk] = torch.where(complete, state[:, 0].to(summaries.dtype), summaries[rows, chunk])
+        cache.lengths += 1
+        return self.out(torch.sigmoid(z) * y.flatten(2))

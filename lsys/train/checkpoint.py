@@ -88,21 +88,30 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoint folders in `run_dir` (those with a manifest), oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint in `run_dir`, or None; interrupted `.tmp` saves are ignored."""
+    complete = complete_checkpoints(run_dir)
+    return complete[-1] if complete else None
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, world: World, keep: int):
         self.run_dir, self.world, self.keep = Path(run_dir), world, keep
 
     def complete_checkpoints(self) -> list[Path]:
-        """Finished checkpoint folders (those with a manifest), oldest first."""
-        if not self.run_dir.is_dir():
-            return []
-        found = [p for p in self.run_dir.iterdir() if STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
-        return sorted(found, key=lambda p: p.name)
+        return complete_checkpoints(self.run_dir)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None; interrupted `.tmp` saves are ignored."""
-        complete = self.complete_checkpoints()
-        return complete[-1] if complete else None
+        return latest_checkpoint(self.run_dir)
 
     def save(self, step: int, model_state: dict, optimizer_state: dict, trainer_state: dict, rank_state: dict) -> Path:
         """Write a checkpoint collectively (every rank calls this, with its own `rank_state`); keep the newest `keep`."""
@@ -162,6 +171,21 @@ class Checkpointer:
         except Exception as error:  # any reader failure means the files are not what we wrote
             raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from None
         return Checkpoint(path=path, model=model, optimizer=optimizer, trainer=trainer, rank_state=rank_state)
+
+
+def load_model_weights(path: Path, model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Only the weights of a complete checkpoint, checksum-verified and checked against `model_state`."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete or missing (no {MANIFEST} manifest)")
+    expected = json.loads(manifest_path.read_text())["files"]["model.safetensors"]
+    weights_file = path / "model.safetensors"
+    if not weights_file.is_file() or _sha256(weights_file) != expected["sha256"]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: model.safetensors does not match its checksum")
+    weights = load_file(weights_file)
+    check_fits(Checkpoint(path=path, model=weights, optimizer={}, trainer={}, rank_state=None), model_state)
+    return weights
 
 
 def check_fits(checkpoint: Checkpoint, model_state: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,100 @@
+"""Softmax attention with global positions, sliding windows and S2 sparsity; `naive.py` is its definition."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.attention.naive import attention_naive
+from kernels.attention.s2 import S2Pattern
+
+__all__ = ["attention", "S2Pattern"]
+
+BACKENDS = ("auto", "torch")
+
+
+def _pick_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs; "auto" is "torch" everywhere until the Triton kernel lands (then: on CUDA)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention: unknown backend {backend!r}; choose one of {BACKENDS}")
+    return "torch"
+
+
+def _check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None, s2: S2Pattern | None, q_start: int, k_start: int
+) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"attention: q, k, v must be 4-D [B, T, H, D], got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    (batch, q_len, heads, dim), k_len = q.shape, k.shape[1]
+    if k.shape != (batch, k_len, heads, dim) or v.shape != k.shape:
+        raise ValueError(
+            f"attention: q [B, Tq, H, D] and k, v [B, Tk, H, D] must agree on B, H, D and k, v on Tk; got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q_len == 0 or k_len == 0:
+        raise ValueError(f"attention: need at least one query and one key, got Tq={q_len}, Tk={k_len}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if window is not None and window <= 0:
+        raise ValueError(f"attention: window must be a positive number of keys (or None), got {window}")
+    if q_start < 0 or k_start < 0:
+        raise ValueError(f"attention: q_start and k_start are token positions >= 0, got {q_start} and {k_start}")
+    if s2 is not None:
+        if not isinstance(s2, S2Pattern):
+            raise ValueError(f"attention: s2 must be a kernels.S2Pattern or None, got {type(s2).__name__}")
+        if not causal:
+            raise ValueError("attention: the S2 pattern is causal; pass causal=True with s2")
+        if s2.head_start + heads > s2.num_heads:
+            raise ValueError(
+                f"attention: {heads} heads from head_start={s2.head_start} exceed the S2 pattern's "
+                f"num_heads={s2.num_heads}"
+            )
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    s2: S2Pattern | None = None,
+    q_start: int = 0,
+    k_start: int = 0,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention of q `[B, Tq, H, D]` over k, v `[B, Tk, H, D]` at global positions; see kernels/attention/naive.py.
+
+    Returns out `[B, Tq, H, D]` in q's dtype, and with `return_lse` also lse `[B, H, Tq]`,
+    fp32 (float64 for float64 inputs). Rows that see no key give out 0 and lse -inf.
+    Plain full or causal attention without lse goes to torch's scaled_dot_product_attention;
+    everything else runs in query chunks of naive.QUERY_CHUNK rows over only the visible key
+    range, checkpointed when gradients are needed, so neither forward nor backward holds a
+    Tq x Tk score matrix.
+    """
+    _check_inputs(q, k, v, causal, window, s2, q_start, k_start)
+    kernel = {"torch": _attention_torch}[_pick_backend(backend, q.device)]
+    out, lse = kernel(
+        q, k, v, causal=causal, window=window, s2=s2, q_start=q_start, k_start=k_start,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale, return_lse=return_lse,
+    )
+    return (out, lse) if return_lse else out
+
+
+def _attention_torch(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, window: int | None, s2: S2Pattern | None,
+    q_start: int, k_start: int, scale: float, return_lse: bool,
+) -> tuple[Tensor, Tensor | None]:
+    # Without window, S2 or lse, and with offsets that cannot shift the causal diagonal,
+    # this is exactly SDPA, which is much faster than the chunked reference.
+    same_diagonal = not causal or (q_start == k_start and q.shape[1] == k.shape[1])
+    if window is None and s2 is None and not return_lse and same_diagonal:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=scale
+        )
+        return out.transpose(1, 2), None
+    return attention_naive(q, k, v, causal=causal, window=window, s2=s2, q_start=q_start, k_start=k_start, scale=scale)
