@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("what", choices=["train", "mixers"])
     parser.add_argument("--steps", type=int, default=60, help="train: steps per run")
     parser.add_argument("--d-model", type=int, default=256, help="mixers: model width")
-    parser.add_argument("--n-heads", type=int, default=4, help="mixers: heads")
+    parser.add_argument("--n-heads", type=int, default=8, help="mixers: heads (>= 8 so that S2 covers the context)")
     parser.add_argument("--new-tokens", type=int, default=64, help="mixers: tokens decoded per measurement")
     parser.add_argument("--out", type=Path, default=REPO / "docs/perf.md")
     parser.add_argument("overrides", nargs="*", help="train: Hydra overrides passed to every run")

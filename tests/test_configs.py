@@ -1,16 +1,17 @@
 """Every config in conf/ composes, validates and builds: tiny models run a step, large ones build on meta."""
 
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lsys.config import check_config, model_config
 from lsys.models import build_model
-from lsys.train.trainer import run
-from tests.conftest import CONF_DIR, TINY, read_metrics
+from tests.conftest import CONF_DIR, REPO, TINY, read_metrics, run_train
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 TINY_MODELS = [m for m in MODELS if m.endswith("_tiny")]
@@ -62,13 +63,16 @@ def test_experiments_build_on_meta(name: str, tokenizer_file: Path):
 
 
 @pytest.mark.parametrize("name", LARGE_MODELS)
-def test_large_models_build_on_meta(name: str, capsys):
+def test_large_models_build_on_meta_and_print_their_size(name: str):
     cfg = compose_config([f"model={name}", "data.seq_len=4096"])
     model = build_model(model_config(cfg), device="meta")
-    params = model.num_params()
-    print(f"{name}: {params:,} parameters")
     assert all(p.device.type == "meta" for p in model.parameters())
-    assert 1.2e9 < params < 1.4e9
+    assert 1.2e9 < model.num_params() < 1.4e9
+    printed = subprocess.run(
+        [sys.executable, str(REPO / "launch/model_info.py"), f"model={name}", "data.seq_len=4096"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert f"model {name}: {model.num_params():,} parameters" in printed
 
 
 def test_rat_1b_has_the_papers_parameter_count():
@@ -81,16 +85,18 @@ def test_rat_1b_has_the_papers_parameter_count():
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
-def test_tiny_models_run_a_step(name: str, corpus: Path, tmp_path: Path):
+def test_tiny_models_train_through_launch_train(name: str, corpus: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
-    cfg = compose_config(
-        [f"model={name}", "data=files", f"data.path={corpus}", f"run_dir={run_dir}", "trainer.max_steps=2",
-         "trainer.tensorboard=true", *TINY]
+    result = run_train(
+        [f"model={name}", "data=files", f"data.path={corpus}", f"run_dir={run_dir}", "trainer.max_steps=3",
+         "trainer.tensorboard=true", *TINY],
+        cwd=tmp_path,
     )
-    assert run(cfg) == 0
+    assert result.returncode == 0, result.stderr
     records = read_metrics(run_dir)
-    assert [r["step"] for r in records] == [1, 2]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
-    assert (run_dir / "step-00000002" / "COMPLETE").is_file()
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert (run_dir / "step-00000003" / "COMPLETE").is_file()
     assert OmegaConf.load(run_dir / "config.yaml").model.name == name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,10 +1,14 @@
 """Cached decoding equals the full forward pass for every mixer; sampling; generation end to end."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from lsys.generate import Sampling, generate, next_tokens
 from lsys.models import ModelConfig, build_model
+from tests.conftest import REPO, TINY, run_train
 
 OPTIONS = {
     "rat": {"chunk_size": 4, "qk_groups": 2},
@@ -110,3 +114,28 @@ def test_generate_stops_at_eos_and_is_reproducible():
     first = generate(model, prompts, max_new_tokens=8, sampling=sampling, generator=torch.Generator().manual_seed(3))
     again = generate(model, prompts, max_new_tokens=8, sampling=sampling, generator=torch.Generator().manual_seed(3))
     assert first == again
+
+
+def run_generate(args: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch/generate.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.slow
+def test_launch_generate_continues_prompts_of_a_trained_run(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    trained = run_train(["data=files", f"data.path={corpus}", *TINY, "trainer.max_steps=2", f"run_dir={run_dir}"], tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    result = run_generate(
+        [f"ckpt={run_dir}", 'prompts=["def main(","import "]', "max_new_tokens=24", "temperature=0"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--- 'def main('\ndef main(" in result.stdout and "--- 'import '\nimport " in result.stdout
+    assert "step-00000002" in result.stderr  # it loaded the newest checkpoint of the run directory
+
+
+def test_launch_generate_refuses_a_missing_checkpoint(tmp_path):
+    result = run_generate([f"ckpt={tmp_path / 'nowhere'}"], tmp_path)
+    assert result.returncode == 2
+    assert f"checkpoint {tmp_path / 'nowhere'} does not exist" in result.stderr

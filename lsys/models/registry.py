@@ -1,10 +1,13 @@
-"""Mixer registry: a new token mixer is one file that decorates its class with `@register_mixer`.
+"""Mixer registry: a new token mixer is one file in lsys/models that decorates its class with `@register_mixer`.
 
-A mixer is an `nn.Module` built as `Mixer(cfg: ModelConfig, **cfg.mixer_options[name])`
-that maps `[B, T, d_model]` to `[B, T, d_model]`, and offers a classmethod
-`check(cfg, seq_len, **options) -> list[str]` naming every problem with that setting,
-and `attention_flops_per_token(cfg, seq_len, **options) -> float`: the forward FLOPs per
-token of its token-mixing part (everything that is not a weight matmul).
+A mixer is an `nn.Module` built as `Mixer(cfg: ModelConfig, **cfg.mixer_options[name])` with
+- `forward(x)`: `[B, T, d_model]` to `[B, T, d_model]`, causal;
+- classmethod `check(cfg, seq_len, **options) -> list[str]`: every problem with that setting;
+- classmethod `attention_flops_per_token(cfg, seq_len, **options) -> float`: the forward FLOPs
+  per token of its token-mixing part (everything that is not a weight matmul);
+- decoding: `init_cache(batch_size, max_len, device, dtype) -> Cache` (lsys/models/cache.py),
+  `prefill(x, cache)` (a prompt from position 0, same output as forward) and
+  `decode(x, cache)` (one token per row at each row's own position).
 """
 
 from torch import nn
