@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from parallel.layout import SequenceLayout
+
 
 @dataclass(frozen=True)
 class World:
@@ -43,6 +45,105 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Tear the default group down if this process started one."""
+    """Tear the default group down if this process started one, and forget the mesh."""
+    global _MESH
+    _MESH = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Data parallel x sequence parallel ranks; the sp ranks of one dp replica are consecutive.
+
+    Global rank = dp_rank * sp + sp_rank, and sp_rank = ring_rank * ulysses + ulysses_rank,
+    so Ulysses' all-to-alls stay between neighbouring ranks (one node) and the ring spans groups.
+    """
+
+    world: World
+    dp: int
+    sp: int
+    ulysses: int
+    ring: int
+    sp_mode: str  # "ring" | "ulysses" | "hybrid"
+    layout: SequenceLayout
+    dp_group: dist.ProcessGroup | None
+    sp_group: dist.ProcessGroup | None
+    ulysses_group: dist.ProcessGroup | None
+    ring_group: dist.ProcessGroup | None
+
+    @property
+    def dp_rank(self) -> int:
+        return self.world.rank // self.sp
+
+    @property
+    def sp_rank(self) -> int:
+        return self.world.rank % self.sp
+
+
+SP_MODES = ("ring", "ulysses", "hybrid")
+
+# The one process-wide mesh, set by init_mesh; None until then (and in a lone process).
+_MESH: Mesh | None = None
+
+
+def mesh_problems(world_size: int, sp: int, sp_mode: str, ulysses: int | None) -> list[str]:
+    """Every problem with a dp x sp split of `world_size` ranks, one line each."""
+    problems = []
+    if sp < 1 or world_size % sp:
+        problems.append(f"parallel.sp ({sp}) must divide the world size ({world_size})")
+    if sp_mode not in SP_MODES:
+        problems.append(f"parallel.sp_mode must be one of {SP_MODES}, got {sp_mode!r}")
+    if sp_mode == "hybrid" and (ulysses is None or ulysses < 1 or sp % ulysses):
+        problems.append(f"parallel.ulysses ({ulysses}) must divide parallel.sp ({sp}) for sp_mode=hybrid")
+    return problems
+
+
+def init_mesh(world: World, sp: int = 1, sp_mode: str = "ring", ulysses: int | None = None, layout: str = "zigzag") -> Mesh:
+    """Create the dp x sp process groups (every rank calls this) and make them the process's mesh."""
+    global _MESH
+    problems = mesh_problems(world.world_size, sp, sp_mode, ulysses)
+    if problems:
+        raise ValueError("; ".join(problems))
+    ulysses = {"ring": 1, "ulysses": sp, "hybrid": ulysses}[sp_mode]
+    ring = sp // ulysses
+    dp = world.world_size // sp
+    groups = {"dp": None, "sp": None, "ulysses": None, "ring": None}
+    if dist.is_initialized():
+        # new_group is collective: every rank creates every group, in the same order.
+        for d in range(dp):
+            ranks = list(range(d * sp, (d + 1) * sp))
+            group = dist.new_group(ranks)
+            if world.rank in ranks:
+                groups["sp"] = group
+            for r in range(ring):
+                members = ranks[r * ulysses : (r + 1) * ulysses]
+                group = dist.new_group(members)
+                if world.rank in members:
+                    groups["ulysses"] = group
+            for u in range(ulysses):
+                members = ranks[u::ulysses]
+                group = dist.new_group(members)
+                if world.rank in members:
+                    groups["ring"] = group
+        for s in range(sp):
+            ranks = list(range(s, world.world_size, sp))
+            group = dist.new_group(ranks)
+            if world.rank in ranks:
+                groups["dp"] = group
+    _MESH = Mesh(
+        world=world, dp=dp, sp=sp, ulysses=ulysses, ring=ring, sp_mode=sp_mode,
+        layout=SequenceLayout(layout if sp > 1 else "contiguous", sp),
+        dp_group=groups["dp"], sp_group=groups["sp"], ulysses_group=groups["ulysses"], ring_group=groups["ring"],
+    )
+    return _MESH
+
+
+def current_mesh() -> Mesh | None:
+    """The mesh set by init_mesh, or None."""
+    return _MESH
+
+
+def sequence_parallel() -> Mesh | None:
+    """The mesh when sequences are split over more than one rank, else None (mixers then call kernels directly)."""
+    return _MESH if _MESH is not None and _MESH.sp > 1 else None

@@ -1,0 +1,38 @@
+"""Run a test body on real gloo process groups: `run_ranks(fn, world_size, *args)` spawns the ranks."""
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn, args, errors) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, *args) -> None:
+    """Call `fn(rank, world_size, *args)` on `world_size` spawned gloo ranks; re-raise the first failure here."""
+    errors = mp.get_context("spawn").SimpleQueue()
+    try:
+        mp.spawn(_worker, args=(world_size, _free_port(), fn, args, errors), nprocs=world_size)
+    except Exception as failure:
+        message = errors.get() if not errors.empty() else str(failure)
+        raise AssertionError(message) from None
