@@ -6,6 +6,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lsys.models import MIXERS, ModelConfig
 from lsys.train.engine import ENGINES
+from parallel.layout import LAYOUTS
+from parallel.mesh import mesh_problems
 
 
 class ConfigError(ValueError):
@@ -56,10 +58,41 @@ def check_model(model: ModelConfig, seq_len: int) -> list[str]:
     return problems
 
 
+def check_sequence_parallel(model: ModelConfig, seq_len: int, parallel: DictConfig) -> list[str]:
+    """Problems splitting sequences of `seq_len` over `parallel.sp` ranks for this model's mixers."""
+    sp, mode, layout = parallel.sp, parallel.sp_mode, parallel.layout
+    problems = mesh_problems(sp, sp, mode, parallel.ulysses)  # the world size is checked once it is known
+    if layout not in LAYOUTS:
+        problems.append(f"parallel.layout must be one of {LAYOUTS}, got {layout!r}")
+    if problems or sp == 1:
+        return problems
+    pieces = sp * (2 if layout == "zigzag" else 1)
+    if seq_len % pieces:
+        problems.append(
+            f"data.seq_len ({seq_len}) must be divisible by {pieces} "
+            f"(sp={sp}{' x 2 for the zigzag layout' if layout == 'zigzag' else ''})"
+        )
+    mixers = set(model.layers)
+    if "rat" in mixers:
+        chunk = model.mixer_options.get("rat", {}).get("chunk_size", 16)
+        if seq_len % (chunk * pieces):
+            problems.append(
+                f"data.seq_len ({seq_len}) must be divisible by chunk_size x {pieces} = {chunk * pieces} "
+                "so that no RAT chunk straddles two ranks"
+            )
+    ulysses = {"ring": 1, "ulysses": sp, "hybrid": parallel.ulysses}[mode]
+    if mixers & {"attention", "local"} and model.n_heads % ulysses:
+        problems.append(f"model.n_heads ({model.n_heads}) is not divisible by the Ulysses degree ({ulysses})")
+    if "s2" in mixers and model.n_heads % sp:
+        problems.append(f"model.n_heads ({model.n_heads}) is not divisible by parallel.sp ({sp}): S2 layers shard heads")
+    return problems
+
+
 def check_config(cfg: DictConfig) -> list[str]:
     """Every problem with `cfg` that shows without reading data; data problems raise DataError when it loads."""
     try:
-        problems = check_model(model_config(cfg), cfg.data.seq_len)
+        model = model_config(cfg)
+        problems = check_model(model, cfg.data.seq_len) + check_sequence_parallel(model, cfg.data.seq_len, cfg.parallel)
     except ConfigError as error:
         problems = list(error.problems)
     trainer, optim = cfg.trainer, cfg.optim

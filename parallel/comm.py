@@ -73,8 +73,11 @@ def all_gather(x: Tensor, group: dist.ProcessGroup, op: str) -> Tensor:
 
 def _all_to_all(x: Tensor, group: dist.ProcessGroup, op: str) -> Tensor:
     world = dist.get_world_size(group)
+    # Gradients often arrive as permuted views, whose strides empty_like would copy, while the
+    # collective fills the output as contiguous memory.
+    x = x.contiguous()
     out = torch.empty_like(x)
-    dist.all_to_all_single(out, x.contiguous(), group=group)
+    dist.all_to_all_single(out, x, group=group)
     record_sent(op, (world - 1) * _nbytes(x) // world)
     return out
 

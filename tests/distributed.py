@@ -24,8 +24,9 @@ def _worker(rank: int, world_size: int, port: int, fn, args, errors) -> None:
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
-    finally:
-        dist.destroy_process_group()
+    # Tear down together: a rank that destroys its group while a peer still talks to it aborts.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_ranks(fn, world_size: int, *args) -> None:

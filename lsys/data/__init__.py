@@ -2,7 +2,7 @@
 
 from lsys.data.config import DataConfig
 from lsys.data.errors import DataError
-from lsys.data.loader import PackedLoader, ValLoader, build_loaders
+from lsys.data.loader import PackedLoader, SequenceSlices, ValLoader, build_loaders
 from lsys.data.sources import load_source
 from lsys.data.streaming import StreamingLoader, StreamingValLoader
 from lsys.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
@@ -13,6 +13,7 @@ __all__ = [
     "DataError",
     "HFTokenizer",
     "PackedLoader",
+    "SequenceSlices",
     "StreamingLoader",
     "StreamingValLoader",
     "Tokenizer",

@@ -193,3 +193,35 @@ def _rank_zero_first(prepare: Callable[[], Result]) -> Result:
             dist.barrier()
     dist.barrier()
     return prepare()
+
+
+class SequenceSlices:
+    """A sequence-parallel rank's view of a loader: every batch cut to this rank's token positions.
+
+    All sp ranks of one data-parallel replica read the same windows (same dp rank) and keep
+    the positions the sequence layout gives them; state is the wrapped loader's.
+    """
+
+    def __init__(self, loader: PackedLoader | ValLoader | StreamingLoader | StreamingValLoader, positions: torch.Tensor):
+        self.loader = loader
+        self.positions = positions
+
+    def _slice(self, batch: Batch) -> Batch:
+        inputs, targets = batch
+        return inputs[:, self.positions], targets[:, self.positions]
+
+    def __iter__(self) -> "SequenceSlices":
+        return self
+
+    def __next__(self) -> Batch:
+        return self._slice(next(self.loader))
+
+    def batches(self, n: int) -> Iterator[Batch]:
+        """The wrapped validation loader's first n batches, sliced."""
+        return map(self._slice, self.loader.batches(n))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-import kernels
+import parallel
 from kernels import apply_rope, rope_angles
 from lsys.models.cache import Cache, attend, rotate_rows
 from lsys.models.config import ModelConfig
@@ -41,7 +41,7 @@ class Attention(nn.Module):
         return 4 * cfg.d_model * (seq_len + 1) / 2
 
     def mask_options(self) -> dict:
-        """Extra arguments of kernels.attention that shape the mask (window, s2)."""
+        """Extra arguments of parallel.attention that shape the mask (window, s2)."""
         return {}
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -49,15 +49,15 @@ class Attention(nn.Module):
         return self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).unbind(dim=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._attend_prompt(x)[0]
+        return self._attend(x)[0]
 
-    def _attend_prompt(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Output for a whole sequence from position 0, and its rotated keys and values."""
+    def _attend(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Output for this rank's tokens of a whole sequence, and their rotated keys and values."""
         batch, seq_len, _ = x.shape
         q, k, v = self.project(x)
-        cos, sin = rope_angles(torch.arange(seq_len, device=x.device), self.head_dim, self.rope_base)
+        cos, sin = rope_angles(parallel.local_positions(seq_len, x.device), self.head_dim, self.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = kernels.attention(q, k, v, causal=True, **self.mask_options())
+        y = parallel.attention(q, k, v, **self.mask_options())
         return self.out(y.reshape(batch, seq_len, -1)), k, v
 
     # Decoding: prefill writes a prompt's keys, decode adds one token per row.
@@ -72,7 +72,7 @@ class Attention(nn.Module):
 
     def prefill(self, x: Tensor, cache: Cache) -> Tensor:
         """Like forward for prompts starting at position 0 (every row of `x` as long), filling `cache`."""
-        y, k, v = self._attend_prompt(x)
+        y, k, v = self._attend(x)
         self.store_prompt(cache, k, v)
         cache.lengths += x.shape[1]
         return y

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+import parallel
 from lsys.models.cache import Cache
 from lsys.models.config import ModelConfig
 from lsys.models.registry import register_mixer
@@ -66,7 +67,7 @@ class Lightning(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v, gate = self.project(x)
-        return self._output(kernels.linear_attention(q, k, v, decay=self.decay), gate)
+        return self._output(parallel.linear_attention(q, k, v, decay=self.decay), gate)
 
     def init_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LinearStateCache:
         state_dtype = torch.promote_types(dtype, torch.float32)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import kernels
+import parallel
 from kernels.rat.naive import chunk_scan, chunk_summaries
 from lsys.models.cache import Cache, attend, rotate_rows
 from lsys.models.config import ModelConfig
@@ -80,7 +81,7 @@ class RAT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         z, q, k, v, forget = self.project(x)
-        y = kernels.rat(q, k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base)
+        y = parallel.rat(q, k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base)
         return self.out(torch.sigmoid(z) * y.flatten(2))
 
     def init_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> RATCache:

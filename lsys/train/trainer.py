@@ -15,13 +15,14 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lsys.config import ConfigError, check_config, model_config
-from lsys.data import DataError, build_loaders, build_tokenizer
+from lsys.data import DataError, SequenceSlices, build_loaders, build_tokenizer
 from lsys.models import build_model
 from lsys.train.checkpoint import Checkpointer, CheckpointError, check_fits, rng_state, set_rng_state
 from lsys.train.engine import ENGINES, NonFiniteLossError
 from lsys.train.metrics import MetricsLogger, Throughput, device_peak_flops, peak_memory_bytes
 from lsys.train.optim import build_optimizer, build_scheduler
-from parallel import World, barrier, init_distributed, shutdown
+from parallel import Mesh, World, barrier, init_distributed, init_mesh, shutdown
+from parallel.mesh import mesh_problems
 
 log = logging.getLogger("lsys")
 
@@ -49,8 +50,8 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, world: World):
-        self.cfg, self.world = cfg, world
+    def __init__(self, cfg: DictConfig, world: World, mesh: Mesh):
+        self.cfg, self.world, self.mesh = cfg, world, mesh
         self.run_dir = Path(cfg.run_dir)
         self.trainer_cfg = cfg.trainer
         self.checkpointer = Checkpointer(self.run_dir, world, keep=cfg.trainer.keep_checkpoints)
@@ -66,11 +67,16 @@ class Trainer:
             cfg.data,
             seq_len=cfg.data.seq_len,
             micro_batch_size=cfg.trainer.micro_batch_size,
-            dp_rank=world.rank,
-            dp_size=world.world_size,
+            dp_rank=mesh.dp_rank,
+            dp_size=mesh.dp,
             seed=cfg.seed,
             tokenizer=self.tokenizer,
         )
+        if mesh.sp > 1:
+            positions = mesh.layout.positions(mesh.sp_rank, cfg.data.seq_len)
+            self.train_loader = SequenceSlices(self.train_loader, positions)
+            if self.val_loader is not None:
+                self.val_loader = SequenceSlices(self.val_loader, positions)
 
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.model = build_model(model_cfg, world.device)
@@ -80,7 +86,8 @@ class Trainer:
             self.model, optimizer, scheduler, world=world, grad_clip=cfg.optim.grad_clip, precision=cfg.trainer.precision
         )
         self.step, self.tokens_seen = 0, 0
-        self.tokens_per_step = cfg.data.seq_len * cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * world.world_size
+        # Every dp replica reads micro_batch_size x grad_accum windows a step; its sp ranks share them.
+        self.tokens_per_step = cfg.data.seq_len * cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * mesh.dp
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak_flops = device_peak_flops(world.device)
         self.resumed_from = None
@@ -93,7 +100,8 @@ class Trainer:
         lines = [
             f"model {model.cfg.name}: {model.num_params():,} parameters "
             f"({model.num_params(exclude_embedding=True):,} without embeddings), mixers {'/'.join(model.cfg.layers)}",
-            f"{self.world.world_size} rank(s) on {self.world.device.type}, "
+            f"{self.world.world_size} rank(s) on {self.world.device.type} (dp {self.mesh.dp} x sp {self.mesh.sp}"
+            f"{f', {self.mesh.sp_mode}, {self.mesh.layout.kind} layout' if self.mesh.sp > 1 else ''}), "
             f"{self.tokens_per_step:,} tokens per step, {self.flops_per_token:.3g} FLOPs per token",
         ]
         if self.resumed_from is not None:
@@ -198,10 +206,12 @@ def run(cfg: DictConfig) -> int:
     world = init_distributed(cfg.parallel.backend)
     setup_logging(world, run_dir=None)
     try:
-        problems = check_config(cfg)
+        par = cfg.parallel
+        problems = check_config(cfg) + mesh_problems(world.world_size, par.sp, par.sp_mode, par.ulysses)
         if problems:
-            raise ConfigError(problems)
-        trainer = Trainer(cfg, world)
+            raise ConfigError(list(dict.fromkeys(problems)))
+        mesh = init_mesh(world, sp=par.sp, sp_mode=par.sp_mode, ulysses=par.ulysses, layout=par.layout)
+        trainer = Trainer(cfg, world, mesh)
         run_dir = Path(cfg.run_dir)
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,97 @@
+"""RAT-SP: sequence parallelism for the RAT core by all-gathering chunk summaries.
+
+A token of RAT attends to the final states ("summaries") of earlier chunks plus its own
+running state, and the running state restarts at every chunk. So when every piece a rank
+holds is a whole number of chunks, the scan never crosses a rank, and all a rank needs
+from the others is their chunk summaries: one (k~, v~) pair per chunk, T/L of them.
+
+Per call, every rank:
+1. computes the rotated summaries of its pieces' chunks (rotated by the global chunk index),
+2. all-gathers them once (op "rat_sp"),
+3. runs `kernels.rat` on each local piece with the summaries of all earlier global chunks as
+   its prefix.
+Backward: the all-gather's autograd reduce-scatters the summary gradients to their owners.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import kernels
+from kernels.rat import chunk_summaries
+from parallel.comm import all_gather
+from parallel.layout import SequenceLayout
+
+
+def rat_sp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    group: dist.ProcessGroup | None,
+    *,
+    chunk_size: int,
+    rope_base: float | None = 10000.0,
+    layout: str = "zigzag",
+) -> Tensor:
+    """RAT core on this rank's `[B, T_local, H, D]` tokens of a sequence split over `group` by `layout`.
+
+    Each rank sends (P-1) * 2 * B * (T_local / chunk_size) * H * D elements forward (the
+    same backward), in the promoted dtype of k and g (fp32 for bf16 k with fp32 gates, as
+    the single-device kernel keeps them): chunk_size times fewer elements than ring
+    attention's (P-1) * 2 * B * T_local * H * D for the same K/V.
+    """
+    if q.dim() != 4 or not (q.shape == k.shape == v.shape == g.shape):
+        raise ValueError(
+            f"rat_sp: q, k, v, g must share one [B, T_local, H, D] shape, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(g.shape)}"
+        )
+    if chunk_size <= 0:
+        raise ValueError(f"rat_sp: chunk_size must be positive, got {chunk_size}")
+    world = 1 if group is None else dist.get_world_size(group)
+    if world == 1:
+        # One rank holds the whole sequence, and both layouts keep it in order: one kernel call.
+        return kernels.rat(q, k, v, g, chunk_size=chunk_size, rope_base=rope_base)
+
+    local_len = q.shape[1]
+    sequence = SequenceLayout(layout, world)
+    pieces = sequence.pieces(dist.get_rank(group), local_len * world)
+    if pieces[0].length % chunk_size:  # a layout's pieces all have the same length
+        raise ValueError(
+            f"rat_sp: each {layout} piece holds {pieces[0].length} tokens (local length {local_len} over "
+            f"{len(pieces)} piece(s)), not a multiple of chunk_size {chunk_size}, so a chunk would span ranks; "
+            f"make the sequence length a multiple of {chunk_size * sequence.unit()} "
+            f"(chunk_size x {sequence.unit()} pieces)"
+        )
+
+    lengths = [piece.length for piece in pieces]
+    q_pieces, k_pieces, v_pieces, g_pieces = (x.split(lengths, dim=1) for x in (q, k, v, g))
+    local_k, local_v = [], []
+    for piece, k_piece, v_piece, g_piece in zip(pieces, k_pieces, v_pieces, g_pieces):
+        summary_k, summary_v = chunk_summaries(
+            k_piece, v_piece, g_piece, chunk_size=chunk_size, rope_base=rope_base,
+            chunk_start=piece.start // chunk_size,
+        )
+        local_k.append(summary_k)
+        local_v.append(summary_v)
+    # k and v summaries travel together: [2, B, C_local, H, D], one all-gather.
+    local_summaries = torch.stack([torch.cat(local_k, dim=1), torch.cat(local_v, dim=1)])
+    gathered = all_gather(local_summaries, group, "rat_sp")  # [P, 2, B, C_local, H, D]
+    # Chunks are split over ranks exactly as tokens are (each piece is whole chunks), so the
+    # same layout puts every rank's summaries back in global chunk order.
+    summaries = sequence.unshard(list(gathered), dim=2)  # [2, B, C_total, H, D]
+
+    outputs = []
+    for piece, q_piece, k_piece, v_piece, g_piece in zip(pieces, q_pieces, k_pieces, v_pieces, g_pieces):
+        first_chunk = piece.start // chunk_size
+        # The piece at the sequence's start gets an empty prefix rather than None: the gathered
+        # summaries must stay in every rank's graph, or that rank would skip the backward
+        # reduce-scatter that the others wait in (rank 0 of a contiguous layout reads nothing).
+        prefix_k, prefix_v = summaries[:, :, :first_chunk]
+        outputs.append(
+            kernels.rat(
+                q_piece, k_piece, v_piece, g_piece, chunk_size=chunk_size, rope_base=rope_base,
+                prefix_k=prefix_k, prefix_v=prefix_v, chunk_start=first_chunk,
+            )
+        )
+    return torch.cat(outputs, dim=1)
