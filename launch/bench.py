@@ -2,6 +2,7 @@
 
     python launch/bench.py train     CPU quick-start throughput, 1 and 2 processes, tiny RAT vs attention
     python launch/bench.py mixers    one layer forward+backward per mixer, decode speed and cache size
+    python launch/bench.py sp        bytes each sequence-parallel op sends, and its CPU time at sp = 1, 2, 4
 """
 
 import argparse
@@ -13,10 +14,14 @@ from pathlib import Path
 from lsys.bench import (
     MIXER_OPTIONS,
     REPO,
+    SP_OPS,
+    analytic_bytes,
     decode_stats,
     layer_seconds,
     machine_line,
     measure_training,
+    single_device_seconds,
+    sp_measurements,
     training_table,
     write_section,
 )
@@ -78,18 +83,63 @@ def bench_mixers(args: argparse.Namespace) -> tuple[str, str]:
     return "Mixers on CPU: one layer, decoding and cache size", body
 
 
+def bench_sp(args: argparse.Namespace) -> tuple[str, str]:
+    big = dict(heads=16, head_dim=128, chunk_size=16, element_size=2)  # rat_1b's attention shape, bf16
+    lengths = [8192, 32768, 131072, 524288, 1048576]
+    lines = [
+        f"| T | sp | " + " | ".join(SP_OPS) + " | rat_sp / ring |",
+        "|---|---|" + "---|" * (len(SP_OPS) + 1),
+    ]
+    for sp in (4, 8):
+        for t in lengths:
+            sent = {op: analytic_bytes(op, t, sp, **big) for op in SP_OPS}
+            cells = [f"{sent[op] / 2**20:,.2f} MiB" for op in SP_OPS]
+            lines.append(f"| {t // 1024}K | {sp} | " + " | ".join(cells) + f" | 1/{sent['ring_attention'] / sent['rat_sp']:.0f} |")
+
+    small = dict(heads=args.sp_heads, head_dim=args.sp_head_dim, chunk_size=16)
+    seq_len = args.sp_seq_len
+    single = single_device_seconds(seq_len, **small)
+    measured = {sp: sp_measurements(sp, seq_len, **small) for sp in (2, 4)}
+    counted = [
+        "| op | bytes counted at sp=2 / analytic | at sp=4 / analytic | fwd+bwd sp=1 | sp=2 | sp=4 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for op in SP_OPS:
+        checks = [
+            f"{measured[sp][op]['bytes']:,} / {analytic_bytes(op, seq_len, sp, element_size=4, **small):,}"
+            for sp in (2, 4)
+        ]
+        times = [f"{single[op]:.2f} s"] + [f"{measured[sp][op]['seconds']:.2f} s" for sp in (2, 4)]
+        counted.append(f"| {op} | " + " | ".join(checks + times) + " |")
+    body = (
+        f"Forward bytes one rank sends per layer, from the formulas in `lsys/bench.py::analytic_bytes` "
+        f"(causal, zigzag layout), at rat_1b's attention shape: 16 heads of 128, bf16, RAT chunk 16, "
+        f"LASP states fp32. Backward sends the same again, plus, for ring attention, dK/dV in fp32 back to their owners.\n\n" + "\n".join(lines) + "\n\n"
+        f"Counted on {machine_line()} with `{args.command}`: real gloo ranks on this machine, "
+        f"T = {seq_len}, {args.sp_heads} heads of {args.sp_head_dim}, fp32, batch 1; the bytes "
+        "`parallel.comm_stats()` recorded on rank 0 in one forward, against the formula at the same "
+        "shape; then the wall time of one forward+backward on the whole sequence (sp=1: the kernel "
+        "alone) and split over 2 and 4 processes. This machine has 2 cores, so sp=4 runs two ranks "
+        "per core and its time is no guide to scaling.\n\n" + "\n".join(counted)
+    )
+    return "Sequence parallelism: bytes sent and CPU time", body
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["train", "mixers"])
+    parser.add_argument("what", choices=["train", "mixers", "sp"])
     parser.add_argument("--steps", type=int, default=60, help="train: steps per run")
     parser.add_argument("--d-model", type=int, default=256, help="mixers: model width")
     parser.add_argument("--n-heads", type=int, default=8, help="mixers: heads (>= 8 so that S2 covers the context)")
     parser.add_argument("--new-tokens", type=int, default=64, help="mixers: tokens decoded per measurement")
+    parser.add_argument("--sp-seq-len", type=int, default=8192, help="sp: sequence length measured on this machine")
+    parser.add_argument("--sp-heads", type=int, default=4, help="sp: heads")
+    parser.add_argument("--sp-head-dim", type=int, default=32, help="sp: head dim")
     parser.add_argument("--out", type=Path, default=REPO / "docs/perf.md")
     parser.add_argument("overrides", nargs="*", help="train: Hydra overrides passed to every run")
     args = parser.parse_args()
     args.command = shlex.join(["python", "launch/bench.py", *sys.argv[1:]])
-    heading, body = {"train": bench_train, "mixers": bench_mixers}[args.what](args)
+    heading, body = {"train": bench_train, "mixers": bench_mixers, "sp": bench_sp}[args.what](args)
     write_section(args.out, heading, body)
     print(body)
 

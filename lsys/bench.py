@@ -6,14 +6,19 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import time
-
 import torch
+import torch.distributed as dist
 
+import kernels
+import parallel
 from lsys.models import MIXERS, ModelConfig, build_model
+from parallel import SequenceLayout, comm_stats, reset_comm_stats
+from parallel.local_ranks import run_local_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,3 +142,71 @@ def decode_stats(name: str, context: int, *, d_model: int, n_heads: int, new_tok
             model.decode(token, caches)
         elapsed = time.perf_counter() - start
     return new_tokens / elapsed, model.init_caches(1, context)[0].nbytes()
+
+
+# Sequence-parallel ops: what one rank sends for one layer's forward pass.
+SP_OPS = ("ring_attention", "ulysses_attention", "rat_sp", "lasp")
+
+
+def analytic_bytes(op: str, seq_len: int, sp: int, *, heads: int, head_dim: int, chunk_size: int, element_size: int) -> int:
+    """Forward bytes one rank sends per layer (causal, zigzag layout; LASP states in fp32)."""
+    local_kv = 2 * (seq_len // sp) * heads * head_dim * element_size  # this rank's K and V
+    if op == "ring_attention":
+        return (sp - 1) * local_kv  # every rank's K/V visits every other rank
+    if op == "ulysses_attention":
+        return 2 * (sp - 1) * local_kv // sp  # q, k, v out and the output back: 4 tensors, (P-1)/P of each
+    if op == "rat_sp":
+        return (sp - 1) * local_kv // chunk_size  # one k~, v~ summary per chunk
+    if op == "lasp":
+        return (sp - 1) * 2 * heads * head_dim * head_dim * 4  # one D x D state per head per piece (2 pieces)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _sp_worker(rank: int, world_size: int, seq_len: int, heads: int, head_dim: int, chunk_size: int, out_file: str) -> None:
+    group = dist.group.WORLD
+    layout = SequenceLayout("zigzag", world_size)
+    generator = torch.Generator().manual_seed(0)
+    full = [torch.randn(1, seq_len, heads, head_dim, generator=generator) for _ in range(4)]
+    q, k, v, g = (layout.shard(x, rank).requires_grad_() for x in full)
+    decay = torch.full((heads,), 0.99)
+    ops = {
+        "ring_attention": lambda: parallel.ring_attention(q, k, v, group),
+        "ulysses_attention": lambda: parallel.ulysses_attention(
+            q, k, v, group, attn=lambda q, k, v, head_start: kernels.attention(q, k, v, causal=True)
+        ),
+        "rat_sp": lambda: parallel.rat_sp(q, k, v, torch.sigmoid(g), group, chunk_size=chunk_size),
+        "lasp": lambda: parallel.lasp(q, k, v, group, decay=decay),
+    }
+    results = {}
+    for name, op in ops.items():
+        op().sum().backward()  # warm-up
+        dist.barrier()
+        reset_comm_stats()
+        start = time.perf_counter()
+        op().sum().backward()
+        dist.barrier()
+        results[name] = {"seconds": time.perf_counter() - start, "bytes": comm_stats()[name]["bytes"]}
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(results))
+
+
+def sp_measurements(sp: int, seq_len: int, *, heads: int, head_dim: int, chunk_size: int) -> dict[str, dict]:
+    """Per op: forward+backward wall seconds and forward bytes sent by rank 0, on `sp` local gloo ranks."""
+    with tempfile.TemporaryDirectory() as work_dir:
+        out_file = Path(work_dir) / "results.json"
+        run_local_ranks(_sp_worker, sp, seq_len, heads, head_dim, chunk_size, str(out_file))
+        return json.loads(out_file.read_text())
+
+
+def single_device_seconds(seq_len: int, *, heads: int, head_dim: int, chunk_size: int) -> dict[str, float]:
+    """Forward+backward seconds of the kernels the sp ops wrap, on the whole sequence in this process."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, g = (torch.randn(1, seq_len, heads, head_dim, generator=generator, requires_grad=True) for _ in range(4))
+    decay = torch.full((heads,), 0.99)
+    ops = {
+        "ring_attention": lambda: kernels.attention(q, k, v, causal=True),
+        "ulysses_attention": lambda: kernels.attention(q, k, v, causal=True),
+        "rat_sp": lambda: kernels.rat(q, k, v, torch.sigmoid(g), chunk_size=chunk_size),
+        "lasp": lambda: kernels.linear_attention(q, k, v, decay=decay),
+    }
+    return {name: seconds(lambda op=op: op().sum().backward(), repeats=1) for name, op in ops.items()}

@@ -37,9 +37,9 @@ def rat_sp(
     """RAT core on this rank's `[B, T_local, H, D]` tokens of a sequence split over `group` by `layout`.
 
     Each rank sends (P-1) * 2 * B * (T_local / chunk_size) * H * D elements forward (the
-    same backward), in the promoted dtype of k and g (fp32 for bf16 k with fp32 gates, as
-    the single-device kernel keeps them): chunk_size times fewer elements than ring
-    attention's (P-1) * 2 * B * T_local * H * D for the same K/V.
+    same backward) in k's dtype: chunk_size times fewer bytes than ring attention's
+    (P-1) * 2 * B * T_local * H * D for the same K/V. Summaries are computed in the gate's
+    precision and rounded to k's dtype only to travel (exact for fp32 and fp64 inputs).
     """
     if q.dim() != 4 or not (q.shape == k.shape == v.shape == g.shape):
         raise ValueError(
@@ -74,9 +74,11 @@ def rat_sp(
         )
         local_k.append(summary_k)
         local_v.append(summary_v)
-    # k and v summaries travel together: [2, B, C_local, H, D], one all-gather.
+    # k and v summaries travel together: [2, B, C_local, H, D], one all-gather, in the inputs'
+    # dtype (bf16 in training, like ring attention's K/V) so traffic is exactly 1/L of ring's.
     local_summaries = torch.stack([torch.cat(local_k, dim=1), torch.cat(local_v, dim=1)])
-    gathered = all_gather(local_summaries, group, "rat_sp")  # [P, 2, B, C_local, H, D]
+    summary_dtype = local_summaries.dtype
+    gathered = all_gather(local_summaries.to(k.dtype), group, "rat_sp").to(summary_dtype)  # [P, 2, B, C_local, H, D]
     # Chunks are split over ranks exactly as tokens are (each piece is whole chunks), so the
     # same layout puts every rank's summaries back in global chunk order.
     summaries = sequence.unshard(list(gathered), dim=2)  # [2, B, C_total, H, D]

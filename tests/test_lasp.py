@@ -16,7 +16,7 @@ import torch.distributed as dist
 import kernels
 from kernels.linear_attention.chunk import BLOCK_SIZE
 from parallel import SequenceLayout, comm_stats, lasp, reset_comm_stats
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_local_ranks
 
 TOL = 1e-9
 BATCH, HEADS = 2, 4
@@ -96,11 +96,11 @@ def _refuses_lengths_the_layout_cannot_split(rank: int, world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_lasp_matches_single_process_linear_attention(world: int):
-    run_ranks(_matches_reference, world)
+    run_local_ranks(_matches_reference, world)
 
 
 def test_lasp_refuses_lengths_the_layout_cannot_split():
-    run_ranks(_refuses_lengths_the_layout_cannot_split, 2)
+    run_local_ranks(_refuses_lengths_the_layout_cannot_split, 2)
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])

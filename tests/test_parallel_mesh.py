@@ -7,7 +7,7 @@ import torch.distributed as dist
 from parallel import SequenceLayout, World, comm_stats, init_mesh, reset_comm_stats
 from parallel.comm import all_gather, all_to_all
 from parallel.mesh import mesh_problems
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_local_ranks
 
 
 @pytest.mark.parametrize("kind, world", [("contiguous", 1), ("contiguous", 3), ("zigzag", 2), ("zigzag", 4)])
@@ -51,7 +51,7 @@ def _collectives(rank: int, world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_collectives_forward_backward_and_byte_counts(world: int):
-    run_ranks(_collectives, world)
+    run_local_ranks(_collectives, world)
 
 
 def _mesh(rank: int, world: int, sp: int, mode: str, ulysses) -> None:
@@ -70,7 +70,7 @@ def _mesh(rank: int, world: int, sp: int, mode: str, ulysses) -> None:
 
 @pytest.mark.parametrize("sp, mode, ulysses", [(2, "ring", None), (4, "hybrid", 2), (2, "ulysses", None)])
 def test_mesh_groups_hold_the_right_ranks(sp: int, mode: str, ulysses):
-    run_ranks(_mesh, 4, sp, mode, ulysses)
+    run_local_ranks(_mesh, 4, sp, mode, ulysses)
 
 
 def test_mesh_problems_are_named():

@@ -1,6 +1,8 @@
 """Whole models under sequence parallelism: the same losses as one process on the same global batch."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,8 @@ from lsys.train.engine import DDPEngine
 from lsys.train.optim import build_optimizer, build_scheduler
 from parallel import World, init_mesh
 from parallel.mesh import shutdown
-from tests.conftest import CONF_DIR, TINY, read_metrics, run_train
-from tests.distributed import run_ranks
+from tests.conftest import CONF_DIR, REPO, TINY, read_metrics, run_train
+from parallel.local_ranks import run_local_ranks
 
 MODELS = ["attn_tiny", "rat_tiny", "rat_swa_tiny", "s2_tiny", "lightning_tiny"]
 SEQ_LEN, MICRO_BATCH, STEPS = 64, 2, 5
@@ -76,7 +78,7 @@ def single_process_losses(dp: int) -> dict[str, list[float]]:
 @pytest.mark.parametrize("world_size, sp", [(2, 2), (4, 2)], ids=["dp1-sp2", "dp2-sp2"])
 def test_sequence_parallel_training_matches_one_process(world_size: int, sp: int, tmp_path: Path):
     out_file = tmp_path / "losses.json"
-    run_ranks(_parallel_worker, world_size, sp, "ring", str(out_file))
+    run_local_ranks(_parallel_worker, world_size, sp, "ring", str(out_file))
     parallel = json.loads(out_file.read_text())
     expected = single_process_losses(dp=world_size // sp)
     for model in MODELS:
@@ -101,6 +103,13 @@ def test_torchrun_trains_dp2_by_sp2(corpus: Path, tmp_path: Path):
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] < records[0]["loss"]
     assert records[0]["tokens_seen"] == 2 * 2 * 64  # two dp replicas of 2 windows of 64 tokens
+    # A model trained with sp=2 generates in one process: checkpoints hold whole weights.
+    generated = subprocess.run(
+        [sys.executable, str(REPO / "launch/generate.py"), f"ckpt={run_dir}", "max_new_tokens=8", "temperature=0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert generated.returncode == 0, generated.stderr
+    assert "--- 'def '" in generated.stdout
 
 
 @pytest.mark.slow

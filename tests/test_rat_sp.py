@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import kernels
 from parallel import SequenceLayout, comm_stats, rat_sp, reset_comm_stats
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_local_ranks
 
 TOL = 1e-9
 BATCH, HEADS, HEAD_DIM = 2, 2, 8
@@ -95,11 +95,11 @@ def _refuses_bad_lengths(rank: int, world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_rat_sp_matches_single_process_rat(world: int):
-    run_ranks(_matches_reference, world)
+    run_local_ranks(_matches_reference, world)
 
 
 def test_rat_sp_refuses_pieces_that_split_chunks():
-    run_ranks(_refuses_bad_lengths, 2)
+    run_local_ranks(_refuses_bad_lengths, 2)
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import kernels
 import parallel.ring as ring
 from parallel import Piece, SequenceLayout, comm_stats, reset_comm_stats, ring_attention, ring_attention_pieces
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_local_ranks
 
 BATCH, HEADS, DIM = 2, 2, 16
 FLOAT64_TOLERANCE = 1e-9
@@ -179,7 +179,7 @@ def _ring_cases(rank: int, world: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_attention_matches_the_kernel_on_the_whole_sequence(world: int):
-    run_ranks(_ring_cases, world)
+    run_local_ranks(_ring_cases, world)
 
 
 @pytest.mark.parametrize("causal, window", [(True, None), (True, 5), (False, None), (False, 3)])

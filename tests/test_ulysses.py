@@ -12,7 +12,7 @@ import kernels
 from kernels import S2Pattern
 from parallel import World, comm_stats, hybrid_attention, init_mesh, reset_comm_stats, ulysses_attention
 from parallel.layout import LAYOUTS, SequenceLayout
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_local_ranks
 
 BATCH, HEADS, HEAD_DIM = 2, 4, 8
 TOLERANCE = 1e-9  # relative error; float64 end to end
@@ -119,7 +119,7 @@ def _distributed_cases(rank: int, world: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_ulysses_and_hybrid_match_single_process_attention(world: int):
-    run_ranks(_distributed_cases, world)
+    run_local_ranks(_distributed_cases, world)
 
 
 def test_one_rank_calls_the_attention_directly():

@@ -1,4 +1,4 @@
-"""Run a test body on real gloo process groups: `run_ranks(fn, world_size, *args)` spawns the ranks."""
+"""Run a function on real gloo ranks on this machine, for tests and benchmarks of the parallel ops."""
 
 import os
 import socket
@@ -29,7 +29,7 @@ def _worker(rank: int, world_size: int, port: int, fn, args, errors) -> None:
     dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args) -> None:
+def run_local_ranks(fn, world_size: int, *args) -> None:
     """Call `fn(rank, world_size, *args)` on `world_size` spawned gloo ranks; re-raise the first failure here."""
     errors = mp.get_context("spawn").SimpleQueue()
     try:
