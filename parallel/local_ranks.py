@@ -27,6 +27,10 @@ def _worker(rank: int, world_size: int, port: int, fn, args, errors) -> None:
     # Tear down together: a rank that destroys its group while a peer still talks to it aborts.
     dist.barrier()
     dist.destroy_process_group()
+    # Leave without running C++ static destructors: under load, torch's store and gloo threads
+    # can still be winding down, and destroying them joinable aborts the process
+    # ("terminate called without an active exception") after the work has succeeded.
+    os._exit(0)
 
 
 def run_local_ranks(fn, world_size: int, *args) -> None:

@@ -222,6 +222,7 @@ def run(cfg: DictConfig) -> int:
         for line in trainer.describe().splitlines():
             log.info(line)
         trainer.fit()
+        barrier()  # leave together: a rank tearing its group down while a peer still talks aborts
         return 0
     except ConfigError as error:
         if world.is_main:
