@@ -61,7 +61,7 @@ def check_model(model: ModelConfig, seq_len: int) -> list[str]:
 def check_sequence_parallel(model: ModelConfig, seq_len: int, parallel: DictConfig) -> list[str]:
     """Problems splitting sequences of `seq_len` over `parallel.sp` ranks for this model's mixers."""
     sp, mode, layout = parallel.sp, parallel.sp_mode, parallel.layout
-    problems = mesh_problems(sp, sp, mode, parallel.ulysses)  # the world size is checked once it is known
+    problems = mesh_problems(sp, mode, parallel.ulysses)  # the world size is checked once it is known
     if layout not in LAYOUTS:
         problems.append(f"parallel.layout must be one of {LAYOUTS}, got {layout!r}")
     if problems or sp == 1:

@@ -87,10 +87,12 @@ SP_MODES = ("ring", "ulysses", "hybrid")
 _MESH: Mesh | None = None
 
 
-def mesh_problems(world_size: int, sp: int, sp_mode: str, ulysses: int | None) -> list[str]:
-    """Every problem with a dp x sp split of `world_size` ranks, one line each."""
+def mesh_problems(sp: int, sp_mode: str, ulysses: int | None, world_size: int | None = None) -> list[str]:
+    """Every problem with an sp setting, and with its dp x sp split of `world_size` ranks once that is known."""
     problems = []
-    if sp < 1 or world_size % sp:
+    if sp < 1:
+        problems.append(f"parallel.sp must be positive, got {sp}")
+    elif world_size is not None and world_size % sp:
         problems.append(f"parallel.sp ({sp}) must divide the world size ({world_size})")
     if sp_mode not in SP_MODES:
         problems.append(f"parallel.sp_mode must be one of {SP_MODES}, got {sp_mode!r}")
@@ -102,7 +104,7 @@ def mesh_problems(world_size: int, sp: int, sp_mode: str, ulysses: int | None) -
 def init_mesh(world: World, sp: int = 1, sp_mode: str = "ring", ulysses: int | None = None, layout: str = "zigzag") -> Mesh:
     """Create the dp x sp process groups (every rank calls this) and make them the process's mesh."""
     global _MESH
-    problems = mesh_problems(world.world_size, sp, sp_mode, ulysses)
+    problems = mesh_problems(sp, sp_mode, ulysses, world.world_size)
     if problems:
         raise ValueError("; ".join(problems))
     ulysses = {"ring": 1, "ulysses": sp, "hybrid": ulysses}[sp_mode]

@@ -74,6 +74,8 @@ def test_mesh_groups_hold_the_right_ranks(sp: int, mode: str, ulysses):
 
 
 def test_mesh_problems_are_named():
-    assert mesh_problems(4, 3, "ring", None) == ["parallel.sp (3) must divide the world size (4)"]
-    assert "parallel.ulysses (3) must divide parallel.sp (4)" in mesh_problems(4, 4, "hybrid", 3)[0]
-    assert "sp_mode must be one of" in mesh_problems(2, 2, "star", None)[0]
+    assert mesh_problems(3, "ring", None, world_size=4) == ["parallel.sp (3) must divide the world size (4)"]
+    assert mesh_problems(3, "ring", None) == []  # the world size is not known yet
+    assert "parallel.ulysses (3) must divide parallel.sp (4)" in mesh_problems(4, "hybrid", 3)[0]
+    assert "sp_mode must be one of" in mesh_problems(2, "star", None)[0]
+    assert mesh_problems(0, "ring", None) == ["parallel.sp must be positive, got 0"]

@@ -96,12 +96,14 @@ class Trainer:
 
     def describe(self) -> str:
         """What is being trained and from where: the run's first log lines."""
-        model = self.model
+        model, mesh = self.model, self.mesh
+        parallelism = f"dp {mesh.dp} x sp {mesh.sp}"
+        if mesh.sp > 1:
+            parallelism += f", {mesh.sp_mode}, {mesh.layout.kind} layout"
         lines = [
             f"model {model.cfg.name}: {model.num_params():,} parameters "
             f"({model.num_params(exclude_embedding=True):,} without embeddings), mixers {'/'.join(model.cfg.layers)}",
-            f"{self.world.world_size} rank(s) on {self.world.device.type} (dp {self.mesh.dp} x sp {self.mesh.sp}"
-            f"{f', {self.mesh.sp_mode}, {self.mesh.layout.kind} layout' if self.mesh.sp > 1 else ''}), "
+            f"{self.world.world_size} rank(s) on {self.world.device.type} ({parallelism}), "
             f"{self.tokens_per_step:,} tokens per step, {self.flops_per_token:.3g} FLOPs per token",
         ]
         if self.resumed_from is not None:
@@ -207,7 +209,7 @@ def run(cfg: DictConfig) -> int:
     setup_logging(world, run_dir=None)
     try:
         par = cfg.parallel
-        problems = check_config(cfg) + mesh_problems(world.world_size, par.sp, par.sp_mode, par.ulysses)
+        problems = check_config(cfg) + mesh_problems(par.sp, par.sp_mode, par.ulysses, world.world_size)
         if problems:
             raise ConfigError(list(dict.fromkeys(problems)))
         mesh = init_mesh(world, sp=par.sp, sp_mode=par.sp_mode, ulysses=par.ulysses, layout=par.layout)
