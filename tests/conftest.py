@@ -7,6 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run on CPU tensors only in the interpreter, and Triton reads this when a
+# kernel module is imported; so set it before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
