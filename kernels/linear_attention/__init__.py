@@ -1,19 +1,21 @@
 """Lightning attention (linear attention with a decay per head): `linear_attention(q, k, v, decay=...)`.
 
 `naive.py` is the definition, a loop over tokens; `chunk.py` is the blocked form that
-the torch backend runs.
+the torch backend runs; `triton.py` holds the Triton kernels (forward and backward),
+imported only when a call runs them.
 """
+
+import warnings
 
 from torch import Tensor
 
+from kernels.backend import BACKENDS, pick_backend
 from kernels.linear_attention.chunk import linear_attention_chunk
 from kernels.linear_attention.naive import linear_attention_naive
 
 __all__ = ["linear_attention", "linear_attention_chunk", "linear_attention_naive"]
 
-# Backend name -> implementation; a Triton kernel joins here and becomes "auto" on CUDA.
-IMPLEMENTATIONS = {"torch": linear_attention_chunk}
-BACKENDS = ("auto", *IMPLEMENTATIONS)
+TRITON_HEAD_DIMS = (16, 32, 64, 128)  # Dk and Dv each; they may differ
 
 
 def linear_attention(
@@ -26,13 +28,56 @@ def linear_attention(
     return_state: bool = False,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """S_t = λ_h S_{t-1} + k_t^T v_t, o_t = q_t S_t on `[B, T, H, D]`; returns out, or (out, S_{T-1})."""
+    """S_t = λ_h S_{t-1} + k_t^T v_t, o_t = q_t S_t on `[B, T, H, D]`; returns out, or (out, S_{T-1}).
+
+    `backend`: "torch" (chunk.py), "triton" (triton.py), or "auto" (Triton on CUDA when it
+    can take the inputs). The Triton backend treats `decay` as a fixed buffer and gives it
+    no gradient: with `decay.requires_grad`, "auto" runs torch and "triton" raises.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"linear_attention: unknown backend {backend!r}; choose one of {BACKENDS}")
     _check_inputs(q, k, v, decay, initial_state)
-    implementation = IMPLEMENTATIONS["torch" if backend == "auto" else backend]
-    out, state = implementation(q, k, v, decay=decay, initial_state=initial_state)
+    if _pick_backend(backend, q, k, v, decay, initial_state) == "triton":
+        from kernels.linear_attention.triton import linear_attention_triton  # Triton reads TRITON_INTERPRET on import
+
+        out, state = linear_attention_triton(q, k, v, decay=decay, initial_state=initial_state)
+    else:
+        out, state = linear_attention_chunk(q, k, v, decay=decay, initial_state=initial_state)
     return (out, state) if return_state else out
+
+
+def _pick_backend(
+    backend: str, q: Tensor, k: Tensor, v: Tensor, decay: Tensor, initial_state: Tensor | None
+) -> str:
+    """"torch" or "triton": the shared checks of kernels.backend plus this op's own (decay, one dtype)."""
+    if backend == "auto" and decay.requires_grad:
+        return "torch"  # a learned decay needs the torch backend's gradient; not a problem worth a warning
+    tensors = {"q": q, "k": k, "v": v, "initial_state": initial_state}
+    if pick_backend("linear_attention", backend, tensors, head_dims=TRITON_HEAD_DIMS) == "torch":
+        return "torch"
+    problem = _triton_problem(q, k, v, decay)
+    if problem is None:
+        return "triton"
+    if backend == "triton":
+        raise ValueError(f"linear_attention: backend='triton' cannot run: {problem}")
+    warnings.warn(f"linear_attention: using the torch reference on CUDA because {problem}", UserWarning, stacklevel=3)
+    return "torch"
+
+
+def _triton_problem(q: Tensor, k: Tensor, v: Tensor, decay: Tensor) -> str | None:
+    """What the Triton kernels need beyond kernels.backend's checks, or None."""
+    if decay.requires_grad:
+        return (
+            "decay requires grad and the Triton kernels do not differentiate it; "
+            "pass decay.detach() or use backend='torch'"
+        )
+    if decay.device != q.device:
+        return f"decay is on {decay.device} but q, k, v are on {q.device}"
+    if not decay.is_floating_point():
+        return f"decay has dtype {decay.dtype}; pass a floating-point tensor"
+    if len({q.dtype, k.dtype, v.dtype}) > 1:
+        return f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    return None
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, initial_state: Tensor | None) -> None:
