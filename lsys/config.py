@@ -58,6 +58,13 @@ def check_model(model: ModelConfig, seq_len: int) -> list[str]:
     return problems
 
 
+def sequence_parallel_multiple(model: ModelConfig, pieces: int) -> int:
+    """What a sequence split into `pieces` layout pieces must be a multiple of: whole RAT chunks per piece."""
+    if "rat" in model.layers:
+        return pieces * model.mixer_options.get("rat", {}).get("chunk_size", 16)
+    return pieces
+
+
 def check_sequence_parallel(model: ModelConfig, seq_len: int, parallel: DictConfig) -> list[str]:
     """Problems splitting sequences of `seq_len` over `parallel.sp` ranks for this model's mixers."""
     sp, mode, layout = parallel.sp, parallel.sp_mode, parallel.layout
@@ -73,13 +80,12 @@ def check_sequence_parallel(model: ModelConfig, seq_len: int, parallel: DictConf
             f"(sp={sp}{' x 2 for the zigzag layout' if layout == 'zigzag' else ''})"
         )
     mixers = set(model.layers)
-    if "rat" in mixers:
-        chunk = model.mixer_options.get("rat", {}).get("chunk_size", 16)
-        if seq_len % (chunk * pieces):
-            problems.append(
-                f"data.seq_len ({seq_len}) must be divisible by chunk_size x {pieces} = {chunk * pieces} "
-                "so that no RAT chunk straddles two ranks"
-            )
+    multiple = sequence_parallel_multiple(model, pieces)
+    if "rat" in mixers and seq_len % multiple:
+        problems.append(
+            f"data.seq_len ({seq_len}) must be divisible by chunk_size x {pieces} = {multiple} "
+            "so that no RAT chunk straddles two ranks"
+        )
     ulysses = {"ring": 1, "ulysses": sp, "hybrid": parallel.ulysses}[mode]
     if mixers & {"attention", "local"} and model.n_heads % ulysses:
         problems.append(f"model.n_heads ({model.n_heads}) is not divisible by the Ulysses degree ({ulysses})")

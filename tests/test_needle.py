@@ -1,7 +1,9 @@
 """Needle retrieval: the needle sits where the depth says, prompts fill the context exactly, random models
 score near zero while a perfect reader scores 1.0, bad input fails clearly, and the CLI writes its report."""
 
+import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -13,6 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lsys.data import DataError, build_loaders
 from lsys.data.tokenizer import ByteTokenizer, HFTokenizer
 from lsys.eval import EvalError, NeedleGrid, evaluate_needle
 from lsys.eval.needle import EXTRA_NEW_TOKENS, VARIANTS, build_prompt, sample_rng
@@ -154,6 +157,12 @@ class OracleLM(torch.nn.Module):
                 logits[row, t, oracle_next_byte(seen)] = 1.0
         return logits
 
+    def hidden_states(self, tokens: torch.Tensor, caches=None, mode: str = "train") -> torch.Tensor:
+        return self(tokens, caches, mode)  # its "states" are already its logits
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
     def init_caches(self, batch_size: int, max_len: int) -> list[History]:
         return [History([[] for _ in range(batch_size)])]
 
@@ -231,11 +240,34 @@ def test_lengths_too_short_for_the_needle_or_too_long_for_the_model_are_refused(
         evaluate_needle(model, BYTES, NeedleGrid(lengths=[256], depths=[0], variant="multivalue"), progress=False)
 
 
-def run_eval(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run_eval(args: list[str], cwd: Path, nproc: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return subprocess.run(
-        [sys.executable, str(REPO / "launch/eval_needle.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=120,
+        [*launcher, str(REPO / "launch/eval_needle.py"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["rat_tiny", "attn_tiny"])
+def test_sequence_parallel_and_data_parallel_evals_score_like_one_process(model: str, corpus: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    overrides = ["data=files", f"data.path={corpus}", f"model={model}", *TINY, "trainer.max_steps=2", f"run_dir={run_dir}"]
+    trained = run_train(overrides, tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    grid = ["eval.lengths=[160,250]", "eval.depths=[0,100]", "eval.samples=3", "progress_bar=false"]
+    rows = {}
+    for name, nproc, parallel in [("one", 1, []), ("sp2", 2, ["parallel.sp=2"]), ("dp2", 2, ["parallel.sp=1"])]:
+        result = run_eval([f"ckpt={run_dir}", *grid, *parallel, f"out_dir={tmp_path / name}"], tmp_path, nproc)
+        assert result.returncode == 0, result.stderr
+        rows[name] = (tmp_path / name / "samples.jsonl").read_text().splitlines()
+    # The answers are those of a barely trained model: token-for-token agreement on 12 of them (lengths that the
+    # zigzag layout must pad, both depths) is what says the sharded forward is the same function.
+    assert len(rows["one"]) == 12
+    assert rows["sp2"] == rows["one"]
+    assert rows["dp2"] == rows["one"]
 
 
 @pytest.mark.slow
@@ -249,7 +281,7 @@ def test_launch_eval_needle_writes_the_report_of_a_trained_run(corpus: Path, tmp
         tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert "6/6" in result.stderr  # the progress bar went over every cell
+    assert "12/12" in result.stderr  # the progress bar went over every prompt
     last = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"mean accuracy \d\.\d{4}", last)
 
@@ -267,6 +299,14 @@ def test_launch_eval_needle_writes_the_report_of_a_trained_run(corpus: Path, tmp
     assert csv_lines[0] == "length,depth,samples,correct,accuracy" and len(csv_lines) == 7
     png = out_dir / "heatmap.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A run whose config no longer matches its weights is refused, and nothing more is written.
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("d_model: 64", "d_model: 96"))
+    mismatched = run_eval([f"ckpt={run_dir}", "eval.lengths=[128]", f"out_dir={tmp_path / 'mismatched'}"], tmp_path)
+    assert mismatched.returncode == 2
+    assert "does not match the model config" in mismatched.stderr
+    assert not (tmp_path / "mismatched").exists()
     pixels = matplotlib.image.imread(png)
     assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 300
 
@@ -292,3 +332,43 @@ def test_launch_eval_needle_refuses_bad_input(tmp_path: Path, args: list[str], m
     assert result.returncode == 2
     assert f"lsys: error: {message.format(tmp=tmp_path)}" in result.stderr
     assert not (tmp_path / "eval").exists()
+
+
+def test_passkey_documents_fill_one_window_each_with_the_answer_at_its_end():
+    seq_len, micro_batch = 256, 4
+    cfg = {"name": "passkey", "source": "passkey", "num_documents": 40, "val_fraction": 0.25}
+    train, val = build_loaders(cfg, seq_len=seq_len, micro_batch_size=micro_batch, dp_rank=0, dp_size=1, seed=0,
+                               tokenizer=BYTES)
+    depths = []
+    for inputs, _ in itertools.islice(train, 5):
+        for row in inputs.tolist():
+            assert row[-1] == BYTES.eos_id and BYTES.eos_id not in row[:-1]  # one whole document per window
+            text = bytes(row[:-1]).decode()
+            key = re.search(r"The pass key is (\d{5})\. Remember it\. \1 is the pass key\.", text)
+            assert key and text.endswith(f"What is the pass key? The pass key is {key.group(1)}")
+            depths.append(key.start() / len(text))
+    assert min(depths) < 0.2 and max(depths) > 0.4  # the needle moves through the haystack
+    assert val is not None and val.num_batches == 2  # 10 validation documents, generated apart from training
+
+
+def test_passkey_documents_need_room_for_the_needle():
+    cfg = {"name": "passkey", "source": "passkey", "num_documents": 4}
+    with pytest.raises(DataError, match="data.seq_len 64 is too short for passkey documents"):
+        build_loaders(cfg, seq_len=64, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0, tokenizer=BYTES)
+
+
+@pytest.mark.slow
+def test_training_logs_needle_accuracy_and_refuses_a_bad_needle_grid(tmp_path: Path):
+    common = ["experiment=passkey_tiny", *TINY, "data.seq_len=160", "data.num_documents=64", "trainer.max_steps=2"]
+    trained = run_train([*common, "trainer.eval_needle_every=1", f"run_dir={tmp_path / 'run'}"], tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    accuracies = [r["needle_accuracy"] for r in records if "needle_accuracy" in r]
+    assert len(accuracies) == 2 and all(0 <= a <= 1 for a in accuracies)
+    assert "needle 0." in trained.stderr  # and the log line shows it
+
+    bad = run_train([*common, "trainer.eval_needle_every=1", "trainer.needle.lengths=[64]", f"run_dir={tmp_path / 'bad'}"],
+                    tmp_path)
+    assert bad.returncode == 2
+    assert "trainer.needle: context length 64 is too short for the passkey needle" in bad.stderr
+    assert not (tmp_path / "bad").exists()

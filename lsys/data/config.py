@@ -3,7 +3,7 @@
 A sample `conf/data/*.yaml` (every field below; names are exact)::
 
     name: stdlib            # label used in logs and errors
-    source: stdlib          # stdlib | files | hub
+    source: stdlib          # stdlib | files | hub | passkey (generated: lsys/data/passkey.py)
     path: null              # files: a file, directory, glob or a list of them; hub: the data set id
     val_path: null          # files: explicit validation files (same forms as path) instead of a hash split
     text_field: text        # column that holds the text (jsonl, json, parquet, hub)
@@ -13,6 +13,7 @@ A sample `conf/data/*.yaml` (every field below; names are exact)::
     val_fraction: 0.05      # stdlib/files: share of documents held out for validation (0 turns it off)
     shuffle_buffer: 10000   # hub: documents in the streaming shuffle buffer (0 turns shuffling off)
     num_proc: 1             # processes for loading and tokenizing map-style data
+    num_documents: 20000    # passkey: documents generated for training (validation: val_fraction of that)
 """
 
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ class DataConfig:
     val_fraction: float = 0.05
     shuffle_buffer: int = 10000
     num_proc: int = 1
+    num_documents: int = 20000
 
     @classmethod
     def from_attrs(cls, cfg: Any) -> "DataConfig":

@@ -149,7 +149,7 @@ def build_loaders(
     cfg = DataConfig.from_attrs(data_cfg)
     layout = {"seq_len": seq_len, "micro_batch_size": micro_batch_size, "dp_rank": dp_rank, "dp_size": dp_size}
     check_batch_layout(**layout)
-    train_documents, val_documents = _rank_zero_first(lambda: load_source(cfg))
+    train_documents, val_documents = _rank_zero_first(lambda: load_source(cfg, seq_len=seq_len, tokenizer=tokenizer))
 
     if isinstance(train_documents, datasets.IterableDataset):
         stream_kwargs = {"tokenizer": tokenizer, "text_field": cfg.text_field, "name": cfg.name, **layout}

@@ -7,6 +7,8 @@
   `.jsonl`/`.json` (the `json` builder) and `.parquet` give one document per row, read from the
   `text_field` column.
 - `hub`: a data set on the Hugging Face hub, streamed (`streaming=True`) as `IterableDataset`s.
+- `passkey`: generated needle-retrieval documents, each one training window long
+  (`lsys/data/passkey.py`): `num_documents` for training, `val_fraction` of that for validation.
 
 `stdlib` and `files` give map-style `Dataset`s with one column, `text`, one row per non-empty
 document, cached by `datasets` in its default cache. Text files (everything but parquet, whose
@@ -31,6 +33,8 @@ import pyarrow.parquet as pq
 
 from lsys.data.config import DataConfig
 from lsys.data.errors import DataError
+from lsys.data.passkey import passkey_documents
+from lsys.data.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +56,18 @@ MapSplits = tuple[datasets.Dataset, datasets.Dataset | None]
 StreamSplits = tuple[datasets.IterableDataset, datasets.IterableDataset | None]
 
 
-def load_source(cfg: DataConfig) -> MapSplits | StreamSplits:
-    """The (train, validation) documents that `cfg.source` names; validation is None when turned off."""
+def load_source(cfg: DataConfig, *, seq_len: int, tokenizer: Tokenizer) -> MapSplits | StreamSplits:
+    """The (train, validation) documents that `cfg.source` names; validation is None when turned off.
+
+    `seq_len` and `tokenizer` shape the generated sources (passkey) and are ignored by the others.
+    """
+    if cfg.source == "passkey":
+        if cfg.num_documents < 1:
+            raise DataError(f"data.num_documents must be positive for source 'passkey', got {cfg.num_documents}")
+        train = passkey_documents(count=cfg.num_documents, seq_len=seq_len, tokenizer=tokenizer, seed="train")
+        num_val = round(cfg.num_documents * cfg.val_fraction)
+        val = passkey_documents(count=num_val, seq_len=seq_len, tokenizer=tokenizer, seed="val") if num_val else None
+        return train, val
     if cfg.source == "stdlib":
         return load_stdlib(val_fraction=cfg.val_fraction, num_proc=cfg.num_proc)
     if cfg.source == "files":
@@ -71,7 +85,7 @@ def load_source(cfg: DataConfig) -> MapSplits | StreamSplits:
         if cfg.path is None:
             raise DataError("data.path is required for source 'hub': the data set id, e.g. 'HuggingFaceFW/fineweb-edu'")
         return load_hub(cfg.path, hub_config=cfg.hub_config, split=cfg.split, val_split=cfg.val_split)
-    raise DataError(f"data.source '{cfg.source}' is unknown; expected 'stdlib', 'files' or 'hub'")
+    raise DataError(f"data.source '{cfg.source}' is unknown; expected 'stdlib', 'files', 'hub' or 'passkey'")
 
 
 def stdlib_files() -> list[Path]:

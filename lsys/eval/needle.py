@@ -38,12 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from lsys.config import sequence_parallel_multiple
 from lsys.data.sources import stdlib_files
 from lsys.data.tokenizer import Tokenizer
 from lsys.generate import generate
 from lsys.models import LM
+from parallel.mesh import current_mesh, sequence_parallel
 
 VARIANTS = ("passkey", "single", "multikey", "multivalue")
 SCORINGS = ("teacher_forced", "generate")
@@ -255,9 +258,33 @@ def _stdlib_files() -> tuple[Path, ...]:
 @torch.no_grad()
 def teacher_forced_predictions(model: LM, prompt: NeedlePrompt) -> list[int]:
     """The model's argmax at each answer position, with the prompt and the answer before it as input."""
-    tokens = torch.tensor([prompt.tokens + prompt.answer_tokens[:-1]], device=model.embed.weight.device)
+    tokens = prompt.tokens + prompt.answer_tokens[:-1]
     # Logits at position i predict token i + 1: the first answer token is predicted at the prompt's last position.
-    return model(tokens)[0, len(prompt.tokens) - 1 :].argmax(dim=-1).tolist()
+    return argmax_at(model, tokens, range(len(prompt.tokens) - 1, len(tokens)))
+
+
+def argmax_at(model: LM, tokens: list[int], positions: range) -> list[int]:
+    """The model's most likely next token at `positions` of one sequence; only those rows reach the vocabulary.
+
+    Under sequence parallelism every sp rank runs its share of the sequence (padded at the end
+    to a length the layout and the mixers can split, which causal mixers never look back at), and the ranks holding the wanted
+    positions hand their predictions to the others.
+    """
+    device = model.embed.weight.device
+    mesh = sequence_parallel()
+    if mesh is None:
+        hidden = model.hidden_states(torch.tensor([tokens], device=device))[0, positions.start : positions.stop]
+        return model.logits(hidden).argmax(dim=-1).tolist()
+    multiple = sequence_parallel_multiple(model.cfg, mesh.layout.unit())
+    padded = tokens + [tokens[-1]] * (-len(tokens) % multiple)
+    local_positions = mesh.layout.positions(mesh.sp_rank, len(padded), device=device)
+    hidden = model.hidden_states(torch.tensor(padded, device=device)[local_positions][None])[0]
+    held = (local_positions >= positions.start) & (local_positions < positions.stop)
+    predictions = torch.full((len(positions),), -1, dtype=torch.long, device=device)
+    predictions[local_positions[held] - positions.start] = model.logits(hidden[held]).argmax(dim=-1)
+    # Each position is held by exactly one rank; the others keep -1 there.
+    dist.all_reduce(predictions, op=dist.ReduceOp.MAX, group=mesh.sp_group)
+    return predictions.tolist()
 
 
 def generated_answer(model: LM, prompt: NeedlePrompt, eos_id: int) -> list[int]:
@@ -276,40 +303,59 @@ def score(model: LM, tokenizer: Tokenizer, prompt: NeedlePrompt, scoring: str) -
     return text, all(value in text for value in prompt.values)
 
 
+def grid_prompt(grid: NeedleGrid, tokenizer: Tokenizer, length: int, depth: float, sample: int) -> NeedlePrompt:
+    """The prompt of one grid point: sample `sample`'s needle and haystack at this length and depth."""
+    rng = sample_rng(grid.seed, sample)
+    return build_prompt(tokenizer, variant=grid.variant, haystack=grid.haystack, length=length, depth=depth, rng=rng)
+
+
+def check_grid(grid: NeedleGrid, tokenizer: Tokenizer, *, max_seq_len: int) -> None:
+    """Raise EvalError when a length exceeds the model's or is too short for a sample's needle, question and answer."""
+    too_long = [length for length in grid.lengths if length > max_seq_len]
+    if too_long:
+        raise EvalError(
+            f"context lengths {too_long} exceed the model's max_seq_len ({max_seq_len}); evaluate at most that many tokens"
+        )
+    # A sample's needle, question and answer take the same tokens at every length, so building each
+    # sample at the shortest length finds a length too short for them before any scoring.
+    for sample in range(grid.samples):
+        grid_prompt(grid, tokenizer, min(grid.lengths), 0, sample)
+
+
 def evaluate_needle(
     model: LM, tokenizer: Tokenizer, grid: NeedleGrid, *, progress: bool = True
 ) -> list[SampleResult]:
-    """Score every prompt of the grid, cell by cell (length-major); the model's train/eval mode is restored."""
-    too_long = [length for length in grid.lengths if length > model.cfg.max_seq_len]
-    if too_long:
+    """Score every prompt of the grid (length-major, then depth, then sample); the model's train/eval mode is restored.
+
+    Under torchrun every rank calls this: the dp replicas share the prompts out, each one's sp
+    ranks split its sequences, and every rank returns all the results.
+    """
+    check_grid(grid, tokenizer, max_seq_len=model.cfg.max_seq_len)
+    if grid.scoring == "generate" and sequence_parallel() is not None:
         raise EvalError(
-            f"context lengths {too_long} exceed the model's max_seq_len ({model.cfg.max_seq_len}); "
-            "evaluate at most that many tokens"
+            "scoring=generate decodes on one rank; with parallel.sp > 1 use scoring=teacher_forced "
+            "(the same prompts, scored on the answer tokens)"
         )
-
-    def prompt_for(length: int, depth: float, sample: int) -> NeedlePrompt:
-        rng = sample_rng(grid.seed, sample)
-        return build_prompt(
-            tokenizer, variant=grid.variant, haystack=grid.haystack, length=length, depth=depth, rng=rng
-        )
-
-    # A sample's needle, question and answer take the same tokens at every length: building each sample at the
-    # shortest length finds a length too short for them before any scoring (prompts are built one at a time
-    # below, as long grids would not fit in memory at once).
-    for sample in range(grid.samples):
-        prompt_for(min(grid.lengths), 0, sample)
-    cells = [(length, depth) for length in grid.lengths for depth in grid.depths]
+    mesh = current_mesh()
+    dp_rank, dp = (mesh.dp_rank, mesh.dp) if mesh is not None else (0, 1)
+    jobs = [(length, depth, sample) for length in grid.lengths for depth in grid.depths for sample in range(grid.samples)]
+    mine = jobs[dp_rank::dp]
+    main = not dist.is_initialized() or dist.get_rank() == 0
     was_training = model.training
     model.eval()
     results = []
     try:
-        for length, depth in tqdm(cells, desc=f"needle {grid.variant}", unit="cell", disable=not progress):
-            for sample in range(grid.samples):
-                prompt = prompt_for(length, depth, sample)
-                got, correct = score(model, tokenizer, prompt, grid.scoring)
-                expected = ", ".join(prompt.values)
-                row = SampleResult(length, depth, sample, grid.variant, grid.scoring, expected, got, correct)
-                results.append(row)
+        for length, depth, sample in tqdm(mine, desc=f"needle {grid.variant}", unit="prompt", disable=not (progress and main)):
+            prompt = grid_prompt(grid, tokenizer, length, depth, sample)  # one at a time: long grids fill memory
+            got, correct = score(model, tokenizer, prompt, grid.scoring)
+            expected = ", ".join(prompt.values)
+            results.append(SampleResult(length, depth, sample, grid.variant, grid.scoring, expected, got, correct))
     finally:
         model.train(was_training)
-    return results
+    if dp == 1:
+        return results
+    # Replica d scored jobs d, d + dp, ...: interleave the replicas' lists back into grid order.
+    per_rank: list[list[SampleResult]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(per_rank, results)
+    per_replica = per_rank[:: mesh.sp]  # the sp ranks of a replica hold the same results
+    return [per_replica[i % dp][i // dp] for i in range(len(jobs))]

@@ -63,11 +63,23 @@ class LM(nn.Module):
 
     def forward(self, tokens: Tensor, caches: list[Cache] | None = None, mode: str = "train") -> Tensor:
         """Logits `[B, T, vocab]` (fp32 or wider) for token ids `[B, T]`; with caches, `mode` is "prefill" or "decode"."""
+        return self.logits(self.hidden_states(tokens, caches, mode))
+
+    def hidden_states(self, tokens: Tensor, caches: list[Cache] | None = None, mode: str = "train") -> Tensor:
+        """The normed last-layer states `[B, T, d_model]` that `logits` maps to the vocabulary.
+
+        Split from `forward` so that a caller who needs a few positions' logits (an eval scoring
+        an answer at the end of a 100K-token prompt) need not hold `[T, vocab]` of them.
+        """
         x = self.embed(tokens)
         for layer, block in enumerate(self.blocks):
             x = block(x, caches[layer] if caches is not None else None, mode)
+        return self.final_norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Logits (fp32 or wider) of normed states `[..., d_model]`."""
         # Tied head: the embedding matrix maps back to the vocabulary.
-        logits = F.linear(self.final_norm(x), self.embed.weight)
+        logits = F.linear(hidden, self.embed.weight)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def init_caches(self, batch_size: int, max_len: int) -> list[Cache]:

@@ -16,6 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lsys.config import ConfigError, check_config, model_config
 from lsys.data import DataError, SequenceSlices, build_loaders, build_tokenizer
+from lsys.eval.needle import EvalError, NeedleGrid, check_grid, evaluate_needle
 from lsys.models import build_model
 from lsys.train.checkpoint import Checkpointer, CheckpointError, check_fits, rng_state, set_rng_state
 from lsys.train.engine import ENGINES, NonFiniteLossError
@@ -90,9 +91,31 @@ class Trainer:
         self.tokens_per_step = cfg.data.seq_len * cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * mesh.dp
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak_flops = device_peak_flops(world.device)
+        self.needle_grid = self._needle_grid(model_cfg.max_seq_len)
         self.resumed_from = None
         if resume_from is not None:
             self._restore(resume_from)
+
+    def _needle_grid(self, max_seq_len: int) -> NeedleGrid | None:
+        """The small needle grid of `trainer.eval_needle_every` (None when off), checked before any step."""
+        tc = self.trainer_cfg
+        if not tc.eval_needle_every:
+            return None
+        settings = OmegaConf.to_container(tc.needle, resolve=True)
+        settings["lengths"] = settings["lengths"] or [self.cfg.data.seq_len]
+        try:
+            grid = NeedleGrid(**settings)
+            check_grid(grid, self.tokenizer, max_seq_len=max_seq_len)
+        except EvalError as error:
+            raise ConfigError([f"trainer.needle: {error}"]) from None
+        return grid
+
+    @torch.no_grad()
+    def needle_accuracy(self) -> float:
+        """Mean accuracy of the model on the training-time needle grid (every rank takes part)."""
+        with self.engine.autocast:
+            results = evaluate_needle(self.model, self.tokenizer, self.needle_grid, progress=False)
+        return sum(result.correct for result in results) / len(results)
 
     def describe(self) -> str:
         """What is being trained and from where: the run's first log lines."""
@@ -197,6 +220,10 @@ class Trainer:
                     }
                 if self.val_loader is not None and (self.step % tc.eval_every == 0 or self.step == tc.max_steps):
                     record["val_loss"] = self.engine.evaluate(self.val_loader.batches(tc.eval_batches))
+                if self.needle_grid is not None and (
+                    self.step % tc.eval_needle_every == 0 or self.step == tc.max_steps
+                ):
+                    record["needle_accuracy"] = self.needle_accuracy()
                 if len(record) > 1:
                     metrics.write(record)
                 if self.step % tc.checkpoint_every == 0 or self.step == last_step:
