@@ -3,6 +3,7 @@
     python launch/bench.py train     CPU quick-start throughput, 1 and 2 processes, tiny RAT vs attention
     python launch/bench.py mixers    one layer forward+backward per mixer, decode speed and cache size
     python launch/bench.py sp        bytes each sequence-parallel op sends, and its CPU time at sp = 1, 2, 4
+    python launch/bench.py kernels   Triton kernels vs SDPA flash, flex_attention and the torch references (GPU)
 """
 
 import argparse
@@ -10,6 +11,10 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
+
+from kernels import S2Pattern
 
 from lsys.bench import (
     MIXER_OPTIONS,
@@ -25,6 +30,7 @@ from lsys.bench import (
     training_table,
     write_section,
 )
+from lsys import kernel_bench
 
 
 def bench_train(args: argparse.Namespace) -> tuple[str, str]:
@@ -125,9 +131,51 @@ def bench_sp(args: argparse.Namespace) -> tuple[str, str]:
     return "Sequence parallelism: bytes sent and CPU time", body
 
 
+def bench_kernels(args: argparse.Namespace) -> tuple[str, str]:
+    device = torch.device(args.device)
+    if device.type == "cpu" and not args.allow_cpu:
+        sys.exit(
+            "bench.py kernels times Triton kernels on a CUDA device; this machine has none. "
+            "--device cpu --allow-cpu runs the same code in the Triton interpreter (TRITON_INTERPRET=1), "
+            "which checks the harness but measures nothing"
+        )
+    pattern = S2Pattern(**MIXER_OPTIONS["s2"], num_heads=args.heads)
+    rows = []
+    for seq_len in args.lengths:
+        shape = kernel_bench.Shape(
+            batch=kernel_bench.batch_for(args.tokens, seq_len), seq_len=seq_len, heads=args.heads,
+            head_dim=args.head_dim, dtype=kernel_bench.DTYPES[args.dtype], device=device,
+        )
+        for op in args.ops:
+            print(f"kernels: {op} at T={seq_len}", file=sys.stderr)
+            rows += kernel_bench.bench_op(
+                op, shape, chunk_size=args.chunk_size, pattern=pattern, compiled=device.type == "cuda",
+                reference_max_len=args.reference_max_len, repeats=args.repeats,
+            )
+    baselines = {
+        "attention": "torch SDPA (flash)", "s2": "lsys triton dense",
+        "rat": "scan + flex_attention + merge", "linear_attention": "lsys torch reference",
+    }
+    sections = [
+        f"### {op}\n\n" + kernel_bench.kernel_table(rows, op, baselines[op]) for op in args.ops
+    ]
+    body = (
+        f"Measured on {machine_line()} with `{args.command}`: {args.dtype}, "
+        f"B*T = {args.tokens:,} tokens, {args.heads} heads of {args.head_dim}; RAT chunk {args.chunk_size}; "
+        f"S2 {pattern.block_size}-token blocks, {pattern.local_blocks} local, vert_stride {pattern.vert_stride} "
+        "(the s2_1b options). Times are medians of "
+        f"{args.repeats} runs after 2 warm-ups; backward = (forward+backward) - forward; peak memory is what one "
+        "forward+backward allocates above its inputs. TFLOP/s counts only visible (query, key) pairs: causal pairs for "
+        "attention, the kept S2 blocks, and for RAT each query's earlier chunk summaries plus its own state. "
+        f"The torch references run up to T = {args.reference_max_len:,}; flex_attention is compiled.\n\n"
+        + "\n\n".join(sections)
+    )
+    return "Kernels: Triton against SDPA, flex_attention and the torch references", body
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["train", "mixers", "sp"])
+    parser.add_argument("what", choices=["train", "mixers", "sp", "kernels"])
     parser.add_argument("--steps", type=int, default=60, help="train: steps per run")
     parser.add_argument("--d-model", type=int, default=256, help="mixers: model width")
     parser.add_argument("--n-heads", type=int, default=8, help="mixers: heads (>= 8 so that S2 covers the context)")
@@ -135,11 +183,26 @@ def main() -> None:
     parser.add_argument("--sp-seq-len", type=int, default=8192, help="sp: sequence length measured on this machine")
     parser.add_argument("--sp-heads", type=int, default=4, help="sp: heads")
     parser.add_argument("--sp-head-dim", type=int, default=32, help="sp: head dim")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="kernels: device")
+    parser.add_argument("--allow-cpu", action="store_true", help="kernels: run on CPU (interpreter; checks only)")
+    parser.add_argument("--ops", nargs="+", default=["attention", "s2", "rat", "linear_attention"],
+                        choices=["attention", "s2", "rat", "linear_attention"], help="kernels: ops to time")
+    parser.add_argument("--lengths", nargs="+", type=int, default=kernel_bench.default_lengths(),
+                        help="kernels: sequence lengths (default 2K ... 128K)")
+    parser.add_argument("--tokens", type=int, default=131072, help="kernels: B*T, fixed across lengths")
+    parser.add_argument("--heads", type=int, default=16, help="kernels: heads")
+    parser.add_argument("--head-dim", type=int, default=128, help="kernels: head dim")
+    parser.add_argument("--dtype", choices=list(kernel_bench.DTYPES), default="bf16", help="kernels: input dtype")
+    parser.add_argument("--chunk-size", type=int, default=16, help="kernels: RAT chunk size")
+    parser.add_argument("--repeats", type=int, default=10, help="kernels: timed runs per measurement")
+    parser.add_argument("--reference-max-len", type=int, default=32768,
+                        help="kernels: longest T for the (slow, memory-hungry) torch references")
     parser.add_argument("--out", type=Path, default=REPO / "docs/perf.md")
     parser.add_argument("overrides", nargs="*", help="train: Hydra overrides passed to every run")
     args = parser.parse_args()
     args.command = shlex.join(["python", "launch/bench.py", *sys.argv[1:]])
-    heading, body = {"train": bench_train, "mixers": bench_mixers, "sp": bench_sp}[args.what](args)
+    benches = {"train": bench_train, "mixers": bench_mixers, "sp": bench_sp, "kernels": bench_kernels}
+    heading, body = benches[args.what](args)
     write_section(args.out, heading, body)
     print(body)
 

@@ -491,7 +491,7 @@ BAD_INPUTS = {
     "s2_wrong_type": (_qkv, {"s2": (16, 1, 2, 2)}, "s2 must be a kernels.S2Pattern or None, got tuple"),
     "negative_q_start": (_qkv, {"q_start": -1}, "got -1 and 0"),
     "negative_k_start": (_qkv, {"k_start": -5}, "got 0 and -5"),
-    "unknown_backend": (_qkv, {"backend": "triton"}, r"unknown backend 'triton'; choose one of \('auto', 'torch'\)"),
+    "unknown_backend": (_qkv, {"backend": "cuda"}, r"unknown backend 'cuda'; choose one of \('auto', 'torch', 'triton'\)"),
 }
 
 

@@ -1,22 +1,15 @@
 """Softmax attention with global positions, sliding windows and S2 sparsity; `naive.py` is its definition."""
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.attention.naive import attention_naive
 from kernels.attention.s2 import S2Pattern
+from kernels.backend import BACKENDS, pick_backend
 
-__all__ = ["attention", "S2Pattern"]
+__all__ = ["attention", "S2Pattern", "BACKENDS"]
 
-BACKENDS = ("auto", "torch")
-
-
-def _pick_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs; "auto" is "torch" everywhere until the Triton kernel lands (then: on CUDA)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention: unknown backend {backend!r}; choose one of {BACKENDS}")
-    return "torch"
+TRITON_HEAD_DIMS = (16, 32, 64, 128)  # the head dims the Triton kernels are built and tested for
 
 
 def _check_inputs(
@@ -71,17 +64,23 @@ def attention(
 
     Returns out `[B, Tq, H, D]` in q's dtype, and with `return_lse` also lse `[B, H, Tq]`,
     fp32 (float64 for float64 inputs). Rows that see no key give out 0 and lse -inf.
-    Plain full or causal attention without lse goes to torch's scaled_dot_product_attention;
-    everything else runs in query chunks of naive.QUERY_CHUNK rows over only the visible key
-    range, checkpointed when gradients are needed, so neither forward nor backward holds a
-    Tq x Tk score matrix.
+    `backend`: "triton" runs the flash kernels of kernels/attention/triton.py (fp16, bf16,
+    fp32; head dims TRITON_HEAD_DIMS); "auto" picks them for CUDA tensors they take.
+    The "torch" backend sends plain full or causal attention without lse to torch's
+    scaled_dot_product_attention; everything else runs in query chunks of naive.QUERY_CHUNK
+    rows over only the visible key range, checkpointed when gradients are needed, so neither
+    forward nor backward holds a Tq x Tk score matrix.
     """
     _check_inputs(q, k, v, causal, window, s2, q_start, k_start)
-    kernel = {"torch": _attention_torch}[_pick_backend(backend, q.device)]
-    out, lse = kernel(
-        q, k, v, causal=causal, window=window, s2=s2, q_start=q_start, k_start=k_start,
-        scale=q.shape[-1] ** -0.5 if scale is None else scale, return_lse=return_lse,
-    )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    options = dict(causal=causal, window=window, s2=s2, q_start=q_start, k_start=k_start, scale=scale)
+    if pick_backend("attention", backend, {"q": q, "k": k, "v": v}, head_dims=TRITON_HEAD_DIMS) == "triton":
+        # Imported here: Triton fixes interpreter vs compiled when the kernels are decorated.
+        from kernels.attention.triton import attention_triton
+
+        out, lse = attention_triton(q, k, v, **options)
+    else:
+        out, lse = _attention_torch(q, k, v, **options, return_lse=return_lse)
     return (out, lse) if return_lse else out
 
 

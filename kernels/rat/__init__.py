@@ -1,18 +1,22 @@
-"""The fused RAT layer core: `rat(q, k, v, g, chunk_size=...)`; `naive.py` is its definition.
+"""The fused RAT layer core: `rat(q, k, v, g, chunk_size=...)`; `naive.py` is its definition, `triton.py` its kernels.
 
 With the environment variable LSYS_DEBUG=1 the gate's range is checked on every call
 (a device sync, so it is off by default).
 """
 
 import os
+import warnings
 
 from torch import Tensor
 
-from kernels.rat.naive import chunk_summaries, rat_naive
+from kernels.backend import BACKENDS, pick_backend
+from kernels.rat import naive
+from kernels.rat.naive import rat_naive
 
 __all__ = ["rat", "chunk_summaries"]
 
-BACKENDS = ("auto", "torch")
+TRITON_HEAD_DIMS = (32, 64, 128)  # rotate-half RoPE splits D in two, and tl.dot needs halves of >= 16
+TRITON_CHUNK_SIZES = (8, 16, 32, 64)  # query tiles of 64 or 128 tokens hold whole chunks
 
 
 def rat(
@@ -44,7 +48,68 @@ def rat(
         )
     if (prefix_k is None) != (prefix_v is None):
         raise ValueError("rat: pass prefix_k and prefix_v together")
+    if prefix_k is not None:
+        batch, _, heads, head_dim = q.shape
+        if not (prefix_k.shape == prefix_v.shape and prefix_k.dim() == 4
+                and (prefix_k.shape[0], prefix_k.shape[2], prefix_k.shape[3]) == (batch, heads, head_dim)):
+            raise ValueError(
+                f"rat: prefix_k and prefix_v must share one [B, C0, H, D] shape with B, H, D = {batch}, {heads}, "
+                f"{head_dim} of q, got {tuple(prefix_k.shape)}, {tuple(prefix_v.shape)}"
+            )
+
+    tensors = {"q": q, "k": k, "v": v, "g": g, "prefix_k": prefix_k, "prefix_v": prefix_v}
+    if _pick("rat", backend, tensors, chunk_size) == "triton":
+        from kernels.rat.triton import rat_triton  # lazy: Triton picks interpreter or compiler at import
+
+        return rat_triton(
+            q, k, v, g, chunk_size=chunk_size, rope_base=rope_base,
+            prefix_k=prefix_k, prefix_v=prefix_v, chunk_start=chunk_start,
+        )
     return rat_naive(
         q, k, v, g, chunk_size=chunk_size, rope_base=rope_base,
         prefix_k=prefix_k, prefix_v=prefix_v, chunk_start=chunk_start,
     )
+
+
+def chunk_summaries(
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    *,
+    chunk_size: int,
+    rope_base: float | None = 10000.0,
+    chunk_start: int = 0,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Rotated final states `(k~, v~) [B, C, H, D]` of the complete chunks; see kernels/rat/naive.py."""
+    if backend not in BACKENDS:
+        raise ValueError(f"chunk_summaries: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_summaries: chunk_size must be positive, got {chunk_size}")
+    if not (k.shape == v.shape == g.shape) or k.dim() != 4:
+        raise ValueError(
+            f"chunk_summaries: k, v, g must share one [B, T, H, D] shape, got "
+            f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(g.shape)}"
+        )
+    if _pick("chunk_summaries", backend, {"k": k, "v": v, "g": g}, chunk_size) == "triton":
+        from kernels.rat.triton import chunk_summaries_triton  # lazy, as in rat()
+
+        return chunk_summaries_triton(k, v, g, chunk_size=chunk_size, rope_base=rope_base, chunk_start=chunk_start)
+    return naive.chunk_summaries(k, v, g, chunk_size=chunk_size, rope_base=rope_base, chunk_start=chunk_start)
+
+
+def _pick(op: str, backend: str, tensors: dict[str, Tensor | None], chunk_size: int) -> str:
+    """pick_backend, plus the chunk sizes the kernels are built for: "auto" falls back to torch for others."""
+    if chunk_size not in TRITON_CHUNK_SIZES:
+        if backend == "triton":
+            raise ValueError(
+                f"{op}: backend='triton' cannot run: chunk_size {chunk_size} is not supported; "
+                f"the Triton kernels take {TRITON_CHUNK_SIZES}"
+            )
+        if backend == "auto" and any(t is not None and t.is_cuda for t in tensors.values()):
+            warnings.warn(
+                f"{op}: using the torch reference on CUDA because chunk_size {chunk_size} is not one of the "
+                f"Triton kernels' {TRITON_CHUNK_SIZES}", UserWarning, stacklevel=3,
+            )
+        backend = "torch"
+    return pick_backend(op, backend, tensors, head_dims=TRITON_HEAD_DIMS)
