@@ -258,7 +258,9 @@ def contestants(op: str, shape: Shape, *, chunk_size: int, pattern: kernels.S2Pa
             "scan + flex_attention + merge": lambda q, k, v, g: rat_flex_reference(
                 q, k, v, g, chunk_size=chunk_size, compiled=compiled
             ),
-            "lsys triton causal attention": lambda q, k, v, g: kernels.attention(q, k, v, causal=True, backend="triton"),
+            "lsys triton causal attention": lambda q, k, v, g: kernels.attention(
+                q, k, v, causal=True, backend="triton"
+            ),
         }
         if with_reference:
             runs["lsys torch reference"] = lambda q, k, v, g: rat_naive(q, k, v, g, chunk_size=chunk_size)
@@ -287,7 +289,8 @@ def flops(op: str, shape: Shape, *, chunk_size: int, pattern: kernels.S2Pattern)
     if op == "s2":
         return {"*": attention_flops(s2_pairs(shape.seq_len, pattern), shape), "lsys triton dense": dense}
     if op == "rat":
-        return {"*": attention_flops(rat_pairs(shape.seq_len, chunk_size), shape), "lsys triton causal attention": dense}
+        rat = attention_flops(rat_pairs(shape.seq_len, chunk_size), shape)
+        return {"*": rat, "lsys triton causal attention": dense}
     return {"*": linear_attention_flops(shape)}
 
 
@@ -336,8 +339,9 @@ def kernel_table(rows: list[dict], op: str, baseline: str) -> str:
                 continue
             ratio = f"{base['total_ms'] / r['total_ms']:.2f}x" if base else "n/a"
             lines.append(
-                f"| {_length(seq_len)} | {r['batch']} | {r['contestant']} | {r['forward_ms']:.2f} | {r['backward_ms']:.2f} "
-                f"| {r['total_ms']:.2f} | {r['tflops']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_mib']:,.0f} | {ratio} |"
+                f"| {_length(seq_len)} | {r['batch']} | {r['contestant']} | {r['forward_ms']:.2f} "
+                f"| {r['backward_ms']:.2f} | {r['total_ms']:.2f} | {r['tflops']:.1f} | {r['tokens_per_s']:,.0f} "
+                f"| {r['peak_mib']:,.0f} | {ratio} |"
             )
     return "\n".join(lines)
 

@@ -44,7 +44,8 @@ def test_bench_kernels_runs_end_to_end_in_the_interpreter(tmp_path: Path):
         "--lengths", "64", "--tokens", "64", "--heads", "2", "--head-dim", "32", "--dtype", "fp32",
         "--repeats", "1", "--out", str(out),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     text = out.read_text()
     assert "## Kernels: Triton against SDPA, flex_attention and the torch references" in text

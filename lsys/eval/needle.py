@@ -267,7 +267,8 @@ def argmax_at(model: LM, tokens: list[int], positions: range) -> list[int]:
     """The model's most likely next token at `positions` of one sequence; only those rows reach the vocabulary.
 
     Under sequence parallelism every sp rank runs its share of the sequence (padded at the end
-    to a length the layout and the mixers can split, which causal mixers never look back at), and the ranks holding the wanted
+    to a length the layout and the mixers can split, which causal mixers never look back at),
+    and the ranks holding the wanted
     positions hand their predictions to the others.
     """
     device = model.embed.weight.device
@@ -314,7 +315,8 @@ def check_grid(grid: NeedleGrid, tokenizer: Tokenizer, *, max_seq_len: int) -> N
     too_long = [length for length in grid.lengths if length > max_seq_len]
     if too_long:
         raise EvalError(
-            f"context lengths {too_long} exceed the model's max_seq_len ({max_seq_len}); evaluate at most that many tokens"
+            f"context lengths {too_long} exceed the model's max_seq_len ({max_seq_len}); "
+            "evaluate at most that many tokens"
         )
     # A sample's needle, question and answer take the same tokens at every length, so building each
     # sample at the shortest length finds a length too short for them before any scoring.
@@ -338,14 +340,15 @@ def evaluate_needle(
         )
     mesh = current_mesh()
     dp_rank, dp = (mesh.dp_rank, mesh.dp) if mesh is not None else (0, 1)
-    jobs = [(length, depth, sample) for length in grid.lengths for depth in grid.depths for sample in range(grid.samples)]
+    jobs = list(itertools.product(grid.lengths, grid.depths, range(grid.samples)))
     mine = jobs[dp_rank::dp]
     main = not dist.is_initialized() or dist.get_rank() == 0
     was_training = model.training
     model.eval()
     results = []
     try:
-        for length, depth, sample in tqdm(mine, desc=f"needle {grid.variant}", unit="prompt", disable=not (progress and main)):
+        bar = tqdm(mine, desc=f"needle {grid.variant}", unit="prompt", disable=not (progress and main))
+        for length, depth, sample in bar:
             prompt = grid_prompt(grid, tokenizer, length, depth, sample)  # one at a time: long grids fill memory
             got, correct = score(model, tokenizer, prompt, grid.scoring)
             expected = ", ".join(prompt.values)
