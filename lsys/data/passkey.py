@@ -1,7 +1,8 @@
 """Generated passkey documents: filler text with a pass key hidden at a random depth, its question and answer.
 
 A document is a prompt of the needle eval (`lsys.eval.needle`, variant passkey, filler
-haystack) of a random length between seq_len / 2 and seq_len, with the needle at a random
+haystack) of a random length between seq_len / 2 (or the needle and question plus
+MIN_HAYSTACK, if longer) and seq_len, with the needle at a random
 depth (at the very start in an eighth of them), followed by its answer and,
 when shorter than the window, by more filler: exactly seq_len tokens with its EOS. With the
 byte tokenizer (which re-encodes its text token for token) every training window then holds
@@ -17,28 +18,38 @@ import datasets
 from lsys.data.errors import DataError
 from lsys.data.tokenizer import Tokenizer
 
+MIN_HAYSTACK = 16  # filler tokens the shortest document keeps around its needle
+
 
 def passkey_documents(*, count: int, seq_len: int, tokenizer: Tokenizer, seed: str) -> datasets.Dataset:
     """`count` documents of seq_len tokens (with EOS) in a `text` column, the same for the same arguments."""
     # Imported here: lsys.eval.needle imports lsys.data, so a module-level import would be circular.
-    from lsys.eval.needle import EXTRA_NEW_TOKENS, FILLER, EvalError, build_prompt
+    from lsys.eval.needle import EXTRA_NEW_TOKENS, FILLER, EvalError, NeedlePrompt, build_prompt
 
-    filler = tokenizer.encode("." + "".join(itertools.islice(itertools.cycle(FILLER), seq_len)))
-    rng = random.Random(f"passkey-{seed}")
-    texts = []
-    for _ in range(count):
-        length = rng.randint(seq_len // 2, seq_len)  # of prompt + answer + EOS
-        # A needle at the very start is the hardest case for a causal model (nothing comes before
-        # its tokens) and uniform depths put only ~5% of needles there: give it an eighth of the documents.
-        depth = 0.0 if rng.random() < 1 / 8 else rng.uniform(0, 100)
+    def prompt_of(length: int, depth: float, rng: random.Random) -> NeedlePrompt:
+        """A prompt whose tokens, answer and EOS take `length` tokens."""
         try:
             # build_prompt leaves EXTRA_NEW_TOKENS of room after the answer; here that room is the EOS alone.
-            prompt = build_prompt(
+            return build_prompt(
                 tokenizer, variant="passkey", haystack="filler", length=length + EXTRA_NEW_TOKENS - 1,
                 depth=depth, rng=rng,
             )
         except EvalError as error:
             raise DataError(f"data.seq_len {seq_len} is too short for passkey documents: {error}") from None
+
+    # The shortest prompt still keeps some haystack around its needle.
+    probe = prompt_of(seq_len, 0.0, random.Random(0))
+    needle_and_question = seq_len - (probe.question_start - (probe.needle_end - probe.needle_start))
+    shortest = min(seq_len, max(seq_len // 2, needle_and_question + MIN_HAYSTACK))
+    filler = tokenizer.encode("." + "".join(itertools.islice(itertools.cycle(FILLER), seq_len)))
+    rng = random.Random(f"passkey-{seed}")
+    texts = []
+    for _ in range(count):
+        length = rng.randint(shortest, seq_len)  # of prompt + answer + EOS
+        # A needle at the very start is the hardest case for a causal model (nothing comes before
+        # its tokens) and uniform depths put only ~5% of needles there: give it an eighth of the documents.
+        depth = 0.0 if rng.random() < 1 / 8 else rng.uniform(0, 100)
+        prompt = prompt_of(length, depth, rng)
         tokens = prompt.tokens + prompt.answer_tokens + filler[: seq_len - length]
         texts.append(tokenizer.decode(tokens))
     return datasets.Dataset.from_dict({"text": texts})
