@@ -224,6 +224,16 @@ def s2_mask(pattern: kernels.S2Pattern) -> Callable:
     return mask
 
 
+def attention_reference(pattern: kernels.S2Pattern | None) -> Callable[..., Tensor]:
+    """naive.py's chunked causal attention (S2 when a pattern is given), without the SDPA shortcut."""
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        scale = q.shape[-1] ** -0.5
+        return attention_naive(q, k, v, causal=True, window=None, s2=pattern, q_start=0, k_start=0, scale=scale)[0]
+
+    return run
+
+
 def contestants(op: str, shape: Shape, *, chunk_size: int, pattern: kernels.S2Pattern, compiled: bool,
                 reference_max_len: int) -> dict[str, Callable[..., Tensor]]:
     """Name -> function of the op's inputs, for the op `op` at `shape`."""
@@ -235,10 +245,7 @@ def contestants(op: str, shape: Shape, *, chunk_size: int, pattern: kernels.S2Pa
             "torch flex_attention": flex(causal_mask, shape, compiled=compiled),
         }
         if with_reference:
-            scale = shape.head_dim**-0.5
-            runs["lsys torch reference"] = lambda q, k, v: attention_naive(
-                q, k, v, causal=True, window=None, s2=None, q_start=0, k_start=0, scale=scale
-            )[0]
+            runs["lsys torch reference"] = attention_reference(None)
         return runs
     if op == "s2":
         runs = {
@@ -247,10 +254,7 @@ def contestants(op: str, shape: Shape, *, chunk_size: int, pattern: kernels.S2Pa
             "torch flex_attention": flex(s2_mask(pattern), shape, compiled=compiled),
         }
         if with_reference:
-            scale = shape.head_dim**-0.5
-            runs["lsys torch reference"] = lambda q, k, v: attention_naive(
-                q, k, v, causal=True, window=None, s2=pattern, q_start=0, k_start=0, scale=scale
-            )[0]
+            runs["lsys torch reference"] = attention_reference(pattern)
         return runs
     if op == "rat":
         runs = {
