@@ -58,8 +58,19 @@ def triton_problem(tensors: Mapping[str, Tensor | None], *, head_dims: Collectio
     return None
 
 
-def pick_backend(op: str, backend: str, tensors: Mapping[str, Tensor | None], *, head_dims: Collection[int]) -> str:
-    """"torch" or "triton" for this call; raises when "triton" was asked for and cannot run."""
+def pick_backend(
+    op: str,
+    backend: str,
+    tensors: Mapping[str, Tensor | None],
+    *,
+    head_dims: Collection[int],
+    op_problem: str | None = None,
+) -> str:
+    """"torch" or "triton" for this call; raises when "triton" was asked for and cannot run.
+
+    `op_problem` is the op's own reason its kernels cannot take this call (a chunk size they
+    are not built for, say), weighed like the shared checks of `triton_problem`.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "torch":
@@ -67,7 +78,7 @@ def pick_backend(op: str, backend: str, tensors: Mapping[str, Tensor | None], *,
     on_cuda = next(t for t in tensors.values() if t is not None).device.type == "cuda"
     if backend == "auto" and not on_cuda:
         return "torch"
-    problem = triton_problem(tensors, head_dims=head_dims)
+    problem = triton_problem(tensors, head_dims=head_dims) or op_problem
     if problem is None:
         return "triton"
     if backend == "triton":

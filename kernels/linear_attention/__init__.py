@@ -5,8 +5,6 @@ the torch backend runs; `triton.py` holds the Triton kernels (forward and backwa
 imported only when a call runs them.
 """
 
-import warnings
-
 from torch import Tensor
 
 from kernels.backend import BACKENDS, pick_backend
@@ -53,15 +51,9 @@ def _pick_backend(
     if backend == "auto" and decay.requires_grad:
         return "torch"  # a learned decay needs the torch backend's gradient; not a problem worth a warning
     tensors = {"q": q, "k": k, "v": v, "initial_state": initial_state}
-    if pick_backend("linear_attention", backend, tensors, head_dims=TRITON_HEAD_DIMS) == "torch":
-        return "torch"
-    problem = _triton_problem(q, k, v, decay)
-    if problem is None:
-        return "triton"
-    if backend == "triton":
-        raise ValueError(f"linear_attention: backend='triton' cannot run: {problem}")
-    warnings.warn(f"linear_attention: using the torch reference on CUDA because {problem}", UserWarning, stacklevel=3)
-    return "torch"
+    return pick_backend(
+        "linear_attention", backend, tensors, head_dims=TRITON_HEAD_DIMS, op_problem=_triton_problem(q, k, v, decay)
+    )
 
 
 def _triton_problem(q: Tensor, k: Tensor, v: Tensor, decay: Tensor) -> str | None:

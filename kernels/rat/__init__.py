@@ -5,7 +5,6 @@ With the environment variable LSYS_DEBUG=1 the gate's range is checked on every 
 """
 
 import os
-import warnings
 
 from torch import Tensor
 
@@ -100,16 +99,7 @@ def chunk_summaries(
 
 def _pick(op: str, backend: str, tensors: dict[str, Tensor | None], chunk_size: int) -> str:
     """pick_backend, plus the chunk sizes the kernels are built for: "auto" falls back to torch for others."""
+    problem = None
     if chunk_size not in TRITON_CHUNK_SIZES:
-        if backend == "triton":
-            raise ValueError(
-                f"{op}: backend='triton' cannot run: chunk_size {chunk_size} is not supported; "
-                f"the Triton kernels take {TRITON_CHUNK_SIZES}"
-            )
-        if backend == "auto" and any(t is not None and t.is_cuda for t in tensors.values()):
-            warnings.warn(
-                f"{op}: using the torch reference on CUDA because chunk_size {chunk_size} is not one of the "
-                f"Triton kernels' {TRITON_CHUNK_SIZES}", UserWarning, stacklevel=3,
-            )
-        backend = "torch"
-    return pick_backend(op, backend, tensors, head_dims=TRITON_HEAD_DIMS)
+        problem = f"chunk_size {chunk_size} is not supported; the Triton kernels take {TRITON_CHUNK_SIZES}"
+    return pick_backend(op, backend, tensors, head_dims=TRITON_HEAD_DIMS, op_problem=problem)
