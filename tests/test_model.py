@@ -106,3 +106,52 @@ def test_flops_per_token_counts_weights_and_mixing():
     seq_len = 64
     mixing = 2 * 4 * 32 * (seq_len + 1) / 2
     assert model.flops_per_token(seq_len) == 6 * model.num_params() + 3 * mixing
+
+
+@pytest.mark.parametrize("chunk_size", [4, 16, 64])
+def test_rat_gate_bias_starts_as_log_uniform_between_1_and_chunk_minus_1(chunk_size: int):
+    # The RAT paper's init: b_g = log u, u ~ U(1, L - 1) per channel, so sigmoid(b_g) spans [0.5, 1 - 1/L].
+    torch.manual_seed(0)
+    cfg = tiny(["rat"], d_model=1024, n_heads=8)
+    model = build_model(ModelConfig(**{**cfg.__dict__, "mixer_options": {"rat": {"chunk_size": chunk_size}}}))
+    for block in model.blocks:
+        drawn = block.mixer.gate_bias.detach().exp().double().sort().values  # the u of each channel
+        assert drawn.min() >= 1.0 and drawn.max() <= chunk_size - 1.0
+        # Kolmogorov-Smirnov distance to U(1, L - 1); 1.63 / sqrt(n) is its 1% critical value.
+        uniform_cdf = (drawn - 1) / (chunk_size - 2)
+        empirical_cdf = torch.arange(1, len(drawn) + 1, dtype=torch.float64) / len(drawn)
+        assert (uniform_cdf - empirical_cdf).abs().max() < 1.63 / len(drawn) ** 0.5
+    first, second = (block.mixer.gate_bias for block in model.blocks)
+    assert not torch.equal(first, second)  # every layer draws its own
+
+
+def test_rat_reset_parameters_redraws_the_gate_bias_and_small_chunks_start_at_half():
+    cfg = tiny(["rat"])
+    rat = RAT(cfg, chunk_size=16)
+    with torch.no_grad():
+        rat.gate_bias.zero_()
+    build_model(cfg)  # other draws in between
+    rat.reset_parameters()
+    assert rat.gate_bias.std() > 0.3 and torch.sigmoid(rat.gate_bias).min() >= 0.5
+    for chunk_size in (1, 2):  # U(1, L - 1) is empty or a point: the gates start at 0.5
+        assert torch.equal(RAT(cfg, chunk_size=chunk_size).gate_bias, torch.zeros(cfg.d_model))
+
+
+def test_checkpoints_from_before_the_gate_init_still_load(tmp_path):
+    from lsys.train.checkpoint import Checkpointer, check_fits
+    from parallel import World
+
+    cfg = tiny(["rat"])
+    old = build_model(cfg)
+    with torch.no_grad():
+        for block in old.blocks:
+            block.mixer.gate_bias.zero_()  # what every RAT layer started with before the paper's init
+    checkpointer = Checkpointer(tmp_path, World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), keep=1)
+    checkpointer.save(1, old.state_dict(), {}, {"step": 1}, {"rng": None, "loader": None})
+    loaded = checkpointer.load(checkpointer.latest())
+    new = build_model(cfg)
+    check_fits(loaded, new.state_dict())
+    new.load_state_dict(loaded.model)
+    tokens = torch.randint(0, 50, (2, 9))
+    assert all(torch.equal(block.mixer.gate_bias, torch.zeros(cfg.d_model)) for block in new.blocks)
+    torch.testing.assert_close(new(tokens), old(tokens), rtol=0, atol=0)

@@ -3,6 +3,7 @@ score near zero while a perfect reader scores 1.0, bad input fails clearly, and 
 
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ from omegaconf import OmegaConf
 from lsys.data import DataError, build_loaders
 from lsys.data.tokenizer import ByteTokenizer, HFTokenizer
 from lsys.eval import EvalError, NeedleGrid, evaluate_needle
-from lsys.eval.needle import EXTRA_NEW_TOKENS, VARIANTS, build_prompt, sample_rng
+from lsys.eval.needle import EXTRA_NEW_TOKENS, VARIANTS, build_prompt, sample_rng, value_token_mask
 from lsys.models import ModelConfig, build_model
 from tests.conftest import REPO, TINY, run_train
 
@@ -198,6 +199,23 @@ def test_a_random_model_scores_near_zero_and_a_perfect_reader_scores_one(variant
     assert order[:4] == [(480, 0, 0), (480, 0, 1), (480, 0, 2), (480, 50, 0)]
 
 
+def test_the_answer_loss_is_the_mean_nll_of_the_value_tokens():
+    grid = NeedleGrid(lengths=[300], depths=[0, 100], samples=2)
+    results = evaluate_needle(OracleLM(), BYTES, grid, progress=False)
+    # The oracle's logits are 1 on the right byte and 0 on the other vocab_size - 1 tokens.
+    expected = math.log(math.e + BYTES.vocab_size - 1) - 1
+    assert all(math.isclose(r.answer_loss, expected, rel_tol=1e-6) for r in results)
+    random_results = evaluate_needle(random_model(), BYTES, grid, progress=False)
+    assert all(r.answer_loss > 3.0 for r in random_results)  # near ln(vocab) = 5.5: no digit is favoured yet
+    # Separators alone (the leading space, ", ") are not part of the value; digits are.
+    answer = BYTES.encode(" 1234567, 2345678")
+    mask = value_token_mask(BYTES, answer)
+    assert "".join(chr(token) for token, is_value in zip(answer, mask) if is_value) == "12345672345678"
+    generated = evaluate_needle(OracleLM(), BYTES, NeedleGrid(lengths=[300], depths=[0], scoring="generate"),
+                                progress=False)
+    assert all(r.answer_loss is None for r in generated)
+
+
 def test_a_model_that_predicts_the_token_it_was_fed_scores_zero_under_exact_match():
     """Teacher forcing compares position i's prediction with answer token i, not with the token it was fed."""
 
@@ -268,8 +286,13 @@ def test_sequence_parallel_and_data_parallel_evals_score_like_one_process(model:
     # The answers are those of a barely trained model: token-for-token agreement on 12 of them (lengths that the
     # zigzag layout must pad, both depths) is what says the sharded forward is the same function.
     assert len(rows["one"]) == 12
-    assert rows["sp2"] == rows["one"]
-    assert rows["dp2"] == rows["one"]
+    # Answers are compared token for token; the answer loss, summed in another order when sharded, to 1e-5.
+    one, sp2, dp2 = ([json.loads(line) for line in rows[name]] for name in ("one", "sp2", "dp2"))
+    losses = {name: [row.pop("answer_loss") for row in parsed] for name, parsed in (("one", one), ("sp2", sp2), ("dp2", dp2))}
+    assert sp2 == one and dp2 == one
+    assert all(loss > 0 for loss in losses["one"])
+    torch.testing.assert_close(losses["sp2"], losses["one"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses["dp2"], losses["one"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -290,7 +313,9 @@ def test_launch_eval_needle_writes_the_report_of_a_trained_run(corpus: Path, tmp
     out_dir = run_dir / "eval" / "needle-step-00000002"
     rows = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 3 * 2
-    assert set(rows[0]) == {"length", "depth", "sample", "variant", "scoring", "expected", "got", "correct"}
+    assert set(rows[0]) == {
+        "length", "depth", "sample", "variant", "scoring", "expected", "got", "correct", "answer_loss"
+    }
     assert all(re.fullmatch(r"\d{5}", row["expected"]) for row in rows)
     summary = json.loads((out_dir / "summary.json").read_text())
     mean = sum(row["correct"] for row in rows) / len(rows)
@@ -298,7 +323,10 @@ def test_launch_eval_needle_writes_the_report_of_a_trained_run(corpus: Path, tmp
     assert mean <= 0.1  # near chance (~1e-5): two training steps teach no retrieval
     assert (summary["model"], summary["step"], len(summary["cells"])) == ("rat_tiny", 2, 6)
     csv_lines = (out_dir / "summary.csv").read_text().splitlines()
-    assert csv_lines[0] == "length,depth,samples,correct,accuracy" and len(csv_lines) == 7
+    assert csv_lines[0] == "length,depth,samples,correct,accuracy,answer_loss" and len(csv_lines) == 7
+    # Two steps from a random init: the digits' NLL is at chance or above it (ln 10 = 2.30 for a uniform guess).
+    assert summary["mean_answer_loss"] > 2.0
+    assert result.stdout.strip().splitlines()[-2] == f"mean answer loss {summary['mean_answer_loss']:.4f} nats"
     png = out_dir / "heatmap.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -370,7 +398,9 @@ def test_training_logs_needle_accuracy_and_refuses_a_bad_needle_grid(tmp_path: P
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     accuracies = [r["needle_accuracy"] for r in records if "needle_accuracy" in r]
     assert len(accuracies) == 2 and all(0 <= a <= 1 for a in accuracies)
-    assert "needle 0." in trained.stderr  # and the log line shows it
+    losses = [r["needle_answer_loss"] for r in records if "needle_answer_loss" in r]
+    assert len(losses) == 2 and all(loss > 1.0 for loss in losses)  # two steps teach no digits
+    assert "needle 0." in trained.stderr and "needle_loss " in trained.stderr  # and the log line shows both
 
     bad_grid = ["trainer.eval_needle_every=1", "trainer.needle.lengths=[64]", f"run_dir={tmp_path / 'bad'}"]
     bad = run_train([*common, *bad_grid], tmp_path)

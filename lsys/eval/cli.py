@@ -57,5 +57,7 @@ def run(cfg: DictConfig) -> int:
     print("depth \\ length " + "".join(f"{length:>9}" for length in grid.lengths))
     for depth, row in zip(grid.depths, accuracy_table(summary)):
         print(f"{depth:>14g} " + "".join(f"{accuracy:>9.2f}" for accuracy in row))
+    if summary["mean_answer_loss"] is not None:
+        print(f"mean answer loss {summary['mean_answer_loss']:.4f} nats")
     print(f"mean accuracy {summary['mean_accuracy']:.4f}")
     return 0

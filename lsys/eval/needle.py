@@ -25,7 +25,10 @@ Variants (RULER's NIAH tasks, and the passkey test of Mohtashami & Jaggi):
 
 Scorings:
 - `teacher_forced`: prompt and answer go in; correct when the model's argmax at every answer
-  position is the answer token (exact match).
+  position is the answer token (exact match). Also gives the answer loss: the mean negative
+  log-likelihood (nats) of the answer tokens that spell the values (a separator token of its
+  own, like the leading space, left out), which moves long before exact match does. For a
+  5-digit passkey with byte tokens, chance is (ln 9 + 4 ln 10) / 5 = 2.28.
 - `generate`: greedy decoding of len(answer) + EXTRA_NEW_TOKENS tokens; correct when every value
   occurs in the decoded text (RULER's string match).
 """
@@ -136,6 +139,7 @@ class SampleResult:
     expected: str
     got: str
     correct: bool
+    answer_loss: float | None  # teacher_forced only: mean NLL (nats) of the value tokens of the answer
 
 
 def sample_rng(seed: int, sample: int) -> random.Random:
@@ -256,36 +260,47 @@ def _stdlib_files() -> tuple[Path, ...]:
 
 
 @torch.no_grad()
-def teacher_forced_predictions(model: LM, prompt: NeedlePrompt) -> list[int]:
-    """The model's argmax at each answer position, with the prompt and the answer before it as input."""
+def teacher_forced_scores(model: LM, prompt: NeedlePrompt) -> tuple[list[int], list[float]]:
+    """The model's argmax and the answer token's NLL at each answer position, prompt and earlier answer fed in."""
     tokens = prompt.tokens + prompt.answer_tokens[:-1]
     # Logits at position i predict token i + 1: the first answer token is predicted at the prompt's last position.
-    return argmax_at(model, tokens, range(len(prompt.tokens) - 1, len(tokens)))
+    return predictions_at(model, tokens, range(len(prompt.tokens) - 1, len(tokens)), prompt.answer_tokens)
 
 
-def argmax_at(model: LM, tokens: list[int], positions: range) -> list[int]:
-    """The model's most likely next token at `positions` of one sequence; only those rows reach the vocabulary.
+def predictions_at(model: LM, tokens: list[int], positions: range, targets: list[int]) -> tuple[list[int], list[float]]:
+    """The most likely next token and the NLL of `targets[i]` at `positions[i]` of one sequence.
 
-    Under sequence parallelism every sp rank runs its share of the sequence (padded at the end
-    to a length the layout and the mixers can split, which causal mixers never look back at),
-    and the ranks holding the wanted
-    positions hand their predictions to the others.
+    Only those rows reach the vocabulary. Under sequence parallelism every sp rank runs its
+    share of the sequence (padded at the end to a length the layout and the mixers can split,
+    which causal mixers never look back at), and the ranks holding the wanted positions hand
+    their results to the others.
     """
     device = model.embed.weight.device
+    wanted = torch.tensor(targets, device=device)
     mesh = sequence_parallel()
     if mesh is None:
         hidden = model.hidden_states(torch.tensor([tokens], device=device))[0, positions.start : positions.stop]
-        return model.logits(hidden).argmax(dim=-1).tolist()
+        log_probs = model.logits(hidden).log_softmax(dim=-1)
+        nll = -log_probs.gather(-1, wanted[:, None])[:, 0]
+        return log_probs.argmax(dim=-1).tolist(), nll.tolist()
     multiple = sequence_parallel_multiple(model.cfg, mesh.layout.unit())
     padded = tokens + [tokens[-1]] * (-len(tokens) % multiple)
     local_positions = mesh.layout.positions(mesh.sp_rank, len(padded), device=device)
     hidden = model.hidden_states(torch.tensor(padded, device=device)[local_positions][None])[0]
     held = (local_positions >= positions.start) & (local_positions < positions.stop)
-    predictions = torch.full((len(positions),), -1, dtype=torch.long, device=device)
-    predictions[local_positions[held] - positions.start] = model.logits(hidden[held]).argmax(dim=-1)
-    # Each position is held by exactly one rank; the others keep -1 there.
-    dist.all_reduce(predictions, op=dist.ReduceOp.MAX, group=mesh.sp_group)
-    return predictions.tolist()
+    rows = local_positions[held] - positions.start
+    log_probs = model.logits(hidden[held]).log_softmax(dim=-1)
+    # Row 0 the argmax, row 1 the NLL; each position is held by exactly one rank, the others add 0.
+    found = torch.zeros(2, len(positions), dtype=torch.float64, device=device)
+    found[0, rows] = log_probs.argmax(dim=-1).double()
+    found[1, rows] = -log_probs.gather(-1, wanted[rows, None])[:, 0].double()
+    dist.all_reduce(found, group=mesh.sp_group)
+    return found[0].long().tolist(), found[1].tolist()
+
+
+def value_token_mask(tokenizer: Tokenizer, answer_tokens: list[int]) -> list[bool]:
+    """Which answer tokens spell part of a value: all but tokens of spaces and commas alone."""
+    return [tokenizer.decode([token]).strip(" ,") != "" for token in answer_tokens]
 
 
 def generated_answer(model: LM, prompt: NeedlePrompt, eos_id: int) -> list[int]:
@@ -295,13 +310,14 @@ def generated_answer(model: LM, prompt: NeedlePrompt, eos_id: int) -> list[int]:
     )[0]
 
 
-def score(model: LM, tokenizer: Tokenizer, prompt: NeedlePrompt, scoring: str) -> tuple[str, bool]:
-    """(what the model answered, as text; whether it is right) under `scoring`."""
+def score(model: LM, tokenizer: Tokenizer, prompt: NeedlePrompt, scoring: str) -> tuple[str, bool, float | None]:
+    """(what the model answered, as text; whether it is right; the answer loss, teacher_forced only) under `scoring`."""
     if scoring == "teacher_forced":
-        predicted = teacher_forced_predictions(model, prompt)
-        return tokenizer.decode(predicted), predicted == prompt.answer_tokens
+        predicted, nll = teacher_forced_scores(model, prompt)
+        values = [loss for loss, is_value in zip(nll, value_token_mask(tokenizer, prompt.answer_tokens)) if is_value]
+        return tokenizer.decode(predicted), predicted == prompt.answer_tokens, sum(values) / len(values)
     text = tokenizer.decode(generated_answer(model, prompt, tokenizer.eos_id))
-    return text, all(value in text for value in prompt.values)
+    return text, all(value in text for value in prompt.values), None
 
 
 def grid_prompt(grid: NeedleGrid, tokenizer: Tokenizer, length: int, depth: float, sample: int) -> NeedlePrompt:
@@ -350,9 +366,11 @@ def evaluate_needle(
         bar = tqdm(mine, desc=f"needle {grid.variant}", unit="prompt", disable=not (progress and main))
         for length, depth, sample in bar:
             prompt = grid_prompt(grid, tokenizer, length, depth, sample)  # one at a time: long grids fill memory
-            got, correct = score(model, tokenizer, prompt, grid.scoring)
+            got, correct, answer_loss = score(model, tokenizer, prompt, grid.scoring)
             expected = ", ".join(prompt.values)
-            results.append(SampleResult(length, depth, sample, grid.variant, grid.scoring, expected, got, correct))
+            results.append(
+                SampleResult(length, depth, sample, grid.variant, grid.scoring, expected, got, correct, answer_loss)
+            )
     finally:
         model.train(was_training)
     if dp == 1:

@@ -14,15 +14,22 @@ from lsys.eval.needle import NeedleGrid, SampleResult
 COLORMAP = "RdYlGn"
 
 
+def mean_answer_loss(results: list[SampleResult]) -> float | None:
+    """The mean answer loss of teacher-forced results (None under generate scoring)."""
+    losses = [r.answer_loss for r in results if r.answer_loss is not None]
+    return sum(losses) / len(losses) if losses else None
+
+
 def summarize(results: list[SampleResult], grid: NeedleGrid, *, model_name: str, step: int) -> dict:
-    """The grid's settings, the accuracy of each (length, depth) cell in grid order, and the mean over all prompts."""
+    """The grid's settings, accuracy and answer loss of each (length, depth) cell in grid order, and their means."""
     cells = []
     for length in grid.lengths:
         for depth in grid.depths:
             cell = [r for r in results if r.length == length and r.depth == depth]
             correct = sum(r.correct for r in cell)
             cells.append(
-                dict(length=length, depth=depth, samples=len(cell), correct=correct, accuracy=correct / len(cell))
+                dict(length=length, depth=depth, samples=len(cell), correct=correct, accuracy=correct / len(cell),
+                     answer_loss=mean_answer_loss(cell))
             )
     return {
         "model": model_name,
@@ -35,6 +42,7 @@ def summarize(results: list[SampleResult], grid: NeedleGrid, *, model_name: str,
         "lengths": list(grid.lengths),
         "depths": list(grid.depths),
         "mean_accuracy": sum(r.correct for r in results) / len(results),
+        "mean_answer_loss": mean_answer_loss(results),
         "cells": cells,
     }
 
@@ -47,7 +55,7 @@ def write_report(results: list[SampleResult], summary: dict, out_dir: Path) -> N
             file.write(json.dumps(asdict(result)) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     with open(out_dir / "summary.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["length", "depth", "samples", "correct", "accuracy"])
+        writer = csv.DictWriter(file, fieldnames=["length", "depth", "samples", "correct", "accuracy", "answer_loss"])
         writer.writeheader()
         writer.writerows(summary["cells"])
     draw_heatmap(summary, out_dir / "heatmap.png")

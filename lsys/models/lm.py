@@ -52,14 +52,25 @@ class LM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 style init: N(0, 0.02), output projections scaled by 1/sqrt(2 * n_layers)."""
+        """GPT-2 style init: N(0, 0.02), output projections scaled by 1/sqrt(2 * n_layers); norms at 1.
+
+        A mixer with vectors of its own to initialise (RAT's gate bias) does so in its
+        `reset_parameters`, called last.
+        """
         for name, param in self.named_parameters():
             if param.dim() < 2:
-                continue  # norms keep weight 1; gate biases keep 0
+                continue
             std = self.cfg.init_std
             if name.endswith(("out.weight", "down.weight")):
                 std /= math.sqrt(2 * self.cfg.n_layers)
             nn.init.normal_(param, mean=0.0, std=std)
+        for module in self.modules():
+            if isinstance(module, nn.RMSNorm):
+                module.reset_parameters()
+        for block in self.blocks:
+            reset_own = getattr(block.mixer, "reset_parameters", None)
+            if reset_own is not None:
+                reset_own()
 
     def forward(self, tokens: Tensor, caches: list[Cache] | None = None, mode: str = "train") -> Tensor:
         """Logits `[B, T, vocab]` (fp32 or wider) for token ids `[B, T]`; with caches, `mode` is "prefill" or "decode"."""

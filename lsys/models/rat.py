@@ -5,6 +5,10 @@ d_model wide) and queries/keys q, k for G groups shared by all heads (head h use
 group h mod G). The gate g = sigmoid(g + b_g) is computed in fp32 per channel; the
 core (kernels.rat) runs the gated scan in fp32 too. The output is W_out(sigmoid(z) * y).
 
+Init as the RAT paper's code: the gate bias b_g is drawn per channel as log U(1, L - 1), so
+each forget gate starts between 0.5 and 1 - 1/L and a chunk summary starts out remembering
+its whole chunk rather than its last few tokens (L <= 2 gives b_g = 0, gates at 0.5).
+
 Decoding cache: the chunk summaries seen so far (T/L of them, rotated) plus the running
 state of the current chunk: L times smaller than attention's keys and values.
 """
@@ -40,8 +44,14 @@ class RAT(nn.Module):
         d, group_width = cfg.d_model, qk_groups * cfg.head_dim
         self.split_sizes = [d, d, d, group_width, group_width]  # z, v, g, q, k
         self.in_proj = nn.Linear(d, sum(self.split_sizes), bias=False)
-        self.gate_bias = nn.Parameter(torch.zeros(d))
+        self.gate_bias = nn.Parameter(torch.empty(d))
         self.out = nn.Linear(d, d, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the gate bias as log U(1, L - 1) per channel; the LM initialises the projections."""
+        with torch.no_grad():
+            self.gate_bias.uniform_(1.0, max(1.0, self.chunk_size - 1.0)).log_()
 
     @classmethod
     def check(cls, cfg: ModelConfig, seq_len: int, chunk_size: int = 16, qk_groups: int = 2) -> list[str]:

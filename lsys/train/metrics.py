@@ -94,6 +94,7 @@ def format_record(record: dict) -> str:
         ("loss", "loss {:.4f}"),
         ("val_loss", "val_loss {:.4f}"),
         ("needle_accuracy", "needle {:.2f}"),
+        ("needle_answer_loss", "needle_loss {:.3f}"),
         ("grad_norm", "grad_norm {:.3f}"),
         ("lr", "lr {:.2e}"),
         ("tokens_per_s", "tok/s {:,.0f}"),

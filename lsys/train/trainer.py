@@ -17,6 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from lsys.config import ConfigError, check_config, model_config
 from lsys.data import DataError, SequenceSlices, build_loaders, build_tokenizer
 from lsys.eval.needle import EvalError, NeedleGrid, check_grid, evaluate_needle
+from lsys.eval.report import mean_answer_loss
 from lsys.models import build_model
 from lsys.train.checkpoint import Checkpointer, CheckpointError, check_fits, rng_state, set_rng_state
 from lsys.train.engine import ENGINES, NonFiniteLossError
@@ -111,11 +112,14 @@ class Trainer:
         return grid
 
     @torch.no_grad()
-    def needle_accuracy(self) -> float:
-        """Mean accuracy of the model on the training-time needle grid (every rank takes part)."""
+    def needle_scores(self) -> dict[str, float]:
+        """Mean accuracy (and answer loss, teacher-forced) on the training-time needle grid; every rank takes part."""
         with self.engine.autocast:
             results = evaluate_needle(self.model, self.tokenizer, self.needle_grid, progress=False)
-        return sum(result.correct for result in results) / len(results)
+        scores = {"needle_accuracy": sum(result.correct for result in results) / len(results)}
+        if self.needle_grid.scoring == "teacher_forced":
+            scores["needle_answer_loss"] = mean_answer_loss(results)
+        return scores
 
     def describe(self) -> str:
         """What is being trained and from where: the run's first log lines."""
@@ -223,7 +227,7 @@ class Trainer:
                 if self.needle_grid is not None and (
                     self.step % tc.eval_needle_every == 0 or self.step == tc.max_steps
                 ):
-                    record["needle_accuracy"] = self.needle_accuracy()
+                    record |= self.needle_scores()
                 if len(record) > 1:
                     metrics.write(record)
                 if self.step % tc.checkpoint_every == 0 or self.step == last_step:
