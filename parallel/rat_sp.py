@@ -6,10 +6,14 @@ holds is a whole number of chunks, the scan never crosses a rank, and all a rank
 from the others is their chunk summaries: one (k~, v~) pair per chunk, T/L of them.
 
 Per call, every rank:
-1. computes the rotated summaries of its pieces' chunks (rotated by the global chunk index),
-2. all-gathers them once (op "rat_sp"),
-3. runs `kernels.rat` on each local piece with the summaries of all earlier global chunks as
-   its prefix.
+1. runs `kernels.rat` on each local piece alone: its output over the piece's own chunks, the
+   log of each token's softmax denominator (lse), and the piece's rotated summaries, all from
+   one scan;
+2. all-gathers the summaries once (op "rat_sp");
+3. lets each piece's queries, rotated by their global chunk index, attend to the summaries of
+   every chunk before the piece (all visible to all of its tokens), and folds that attention
+   into the piece's own softmax with the two lse's, as ring attention merges its blocks:
+   out = out_own + sigmoid(lse_prefix - lse_own) * (out_prefix - out_own).
 Backward: the all-gather's autograd reduce-scatters the summary gradients to their owners.
 """
 
@@ -18,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import kernels
-from kernels.rat import chunk_summaries
+from kernels.rope import apply_rope, rope_angles
 from parallel.comm import all_gather
 from parallel.layout import SequenceLayout
 
@@ -66,17 +70,16 @@ def rat_sp(
 
     lengths = [piece.length for piece in pieces]
     q_pieces, k_pieces, v_pieces, g_pieces = (x.split(lengths, dim=1) for x in (q, k, v, g))
-    local_k, local_v = [], []
-    for piece, k_piece, v_piece, g_piece in zip(pieces, k_pieces, v_pieces, g_pieces):
-        summary_k, summary_v = chunk_summaries(
-            k_piece, v_piece, g_piece, chunk_size=chunk_size, rope_base=rope_base,
-            chunk_start=piece.start // chunk_size,
+    own = [
+        kernels.rat(
+            q_piece, k_piece, v_piece, g_piece, chunk_size=chunk_size, rope_base=rope_base,
+            chunk_start=piece.start // chunk_size, return_lse=True, return_summaries=True,
         )
-        local_k.append(summary_k)
-        local_v.append(summary_v)
+        for piece, q_piece, k_piece, v_piece, g_piece in zip(pieces, q_pieces, k_pieces, v_pieces, g_pieces)
+    ]
     # k and v summaries travel together: [2, B, C_local, H, D], one all-gather, in the inputs'
     # dtype (bf16 in training, like ring attention's K/V) so traffic is exactly 1/L of ring's.
-    local_summaries = torch.stack([torch.cat(local_k, dim=1), torch.cat(local_v, dim=1)])
+    local_summaries = torch.stack([torch.cat([o[2] for o in own], dim=1), torch.cat([o[3] for o in own], dim=1)])
     summary_dtype = local_summaries.dtype
     gathered = all_gather(local_summaries.to(k.dtype), group, "rat_sp").to(summary_dtype)  # [P, 2, B, C_local, H, D]
     # Chunks are split over ranks exactly as tokens are (each piece is whole chunks), so the
@@ -84,16 +87,28 @@ def rat_sp(
     summaries = sequence.unshard(list(gathered), dim=2)  # [2, B, C_total, H, D]
 
     outputs = []
-    for piece, q_piece, k_piece, v_piece, g_piece in zip(pieces, q_pieces, k_pieces, v_pieces, g_pieces):
-        first_chunk = piece.start // chunk_size
-        # The piece at the sequence's start gets an empty prefix rather than None: the gathered
-        # summaries must stay in every rank's graph, or that rank would skip the backward
-        # reduce-scatter that the others wait in (rank 0 of a contiguous layout reads nothing).
-        prefix_k, prefix_v = summaries[:, :, :first_chunk]
-        outputs.append(
-            kernels.rat(
-                q_piece, k_piece, v_piece, g_piece, chunk_size=chunk_size, rope_base=rope_base,
-                prefix_k=prefix_k, prefix_v=prefix_v, chunk_start=first_chunk,
-            )
-        )
+    for piece, q_piece, (out, lse, _, _) in zip(pieces, q_pieces, own):
+        prefix_k, prefix_v = summaries[:, :, : piece.start // chunk_size]
+        outputs.append(_fold_in_prefix(out, lse, q_piece, prefix_k, prefix_v, piece.start, chunk_size, rope_base))
     return torch.cat(outputs, dim=1)
+
+
+def _fold_in_prefix(
+    out: Tensor, lse: Tensor, q: Tensor, prefix_k: Tensor, prefix_v: Tensor, start: int, chunk_size: int,
+    rope_base: float | None,
+) -> Tensor:
+    """A piece's output once its queries also attend to the summaries `[B, C0, H, D]` of all earlier chunks."""
+    if prefix_k.shape[1] == 0:
+        # Nothing comes before the sequence's first piece. Adding the empty prefix's sum (0) keeps
+        # the gathered summaries in this rank's graph, so that it joins their backward
+        # reduce-scatter, which every other rank waits in.
+        return out + prefix_v.sum().to(out.dtype)
+    if rope_base is not None:
+        chunk_ids = (start + torch.arange(q.shape[1], device=q.device)) // chunk_size
+        q = apply_rope(q, *rope_angles(chunk_ids, q.shape[-1], rope_base))
+    prefix_out, prefix_lse = kernels.attention(
+        q, prefix_k.to(q.dtype), prefix_v.to(q.dtype), causal=False, return_lse=True
+    )
+    share = torch.sigmoid(prefix_lse - lse).transpose(1, 2)[..., None]  # the prefix's part of the whole softmax
+    merged = out.to(share.dtype) + share * (prefix_out.to(share.dtype) - out.to(share.dtype))
+    return merged.to(out.dtype)

@@ -90,14 +90,15 @@ def _summaries(k, v, g, L, base, chunk_start=0):
     return torch.stack(sk, 1), torch.stack(sv, 1)
 
 
-def _rat_loops(q, k, v, g, L, base, prefix_k=None, prefix_v=None, chunk_start=0):
-    """RAT core with explicit loops over tokens (scan) and chunks (attention)."""
+def _rat_loops(q, k, v, g, L, base, prefix_k=None, prefix_v=None, chunk_start=0, return_lse=False):
+    """RAT core with explicit loops over tokens (scan) and chunks (attention); also lse [B, H, T] if asked."""
     B, T, H, D = v.shape
     scale = D ** -0.5
     ks, vs = _scan(k, v, g, L)
     sum_k, sum_v = _summaries(k, v, g, L, base, chunk_start)  # [B, n_full, H, D]
     n_chunks = (T + L - 1) // L
     out = [None] * T
+    lse = [None] * T
     for c in range(n_chunks):
         gc = chunk_start + c
         mem_k = [sum_k[:, j] for j in range(c)]  # earlier local chunks
@@ -113,6 +114,9 @@ def _rat_loops(q, k, v, g, L, base, prefix_k=None, prefix_v=None, chunk_start=0)
             s = (keys * qt[:, None]).sum(-1) * scale      # [B, M+1, H]
             p = torch.softmax(s, dim=1)
             out[t] = (p[..., None] * vals).sum(1)         # [B, H, D]
+            lse[t] = torch.logsumexp(s, dim=1)           # [B, H]
+    if return_lse:
+        return torch.stack(out, 1), torch.stack(lse, -1)
     return torch.stack(out, 1)
 
 
@@ -197,6 +201,74 @@ def test_matches_loop_reference_fwd_bwd(B, T, H, D, L, base, n_prefix, cs):
     for name, gk, gr in zip(names, grads_k, grads_r):
         err = _rel_err(gk, gr)
         assert err <= F64_TOL, f"grad {name} rel err {err:.3e}"
+
+
+@pytest.mark.parametrize("B,T,H,D,L,base,n_prefix,cs", CASES)
+def test_lse_and_summaries_match_loop_reference_fwd_bwd(B, T, H, D, L, base, n_prefix, cs):
+    """return_lse and return_summaries: every output and the gradients through all of them at once."""
+    q, k, v, g, pk, pv = _inputs(B, T, H, D, n_prefix)
+
+    def outputs_of(run):
+        def outputs(q, k, v, g, pk, pv):
+            return torch.cat([x.flatten() for x in run(q, k, v, g, pk, pv)])
+        return outputs
+
+    def kernel(q, k, v, g, pk, pv):
+        return kernels.rat(q, k, v, g, chunk_size=L, rope_base=base, prefix_k=pk, prefix_v=pv, chunk_start=cs,
+                           return_lse=True, return_summaries=True, backend="torch")
+
+    def loops(q, k, v, g, pk, pv):
+        out, lse = _rat_loops(q, k, v, g, L, base, pk, pv, cs, return_lse=True)
+        return (out, lse, *_summaries(k, v, g, L, base, cs))
+
+    out_k, lse_k, sk_k, sv_k = kernel(q, k, v, g, pk, pv)
+    out_r, lse_r, sk_r, sv_r = loops(q, k, v, g, pk, pv)
+    assert lse_k.shape == (B, H, T) and sk_k.shape == sv_k.shape == (B, T // L, H, D)
+    for name, a, b in (("out", out_k, out_r), ("lse", lse_k, lse_r), ("summary_k", sk_k, sk_r),
+                       ("summary_v", sv_k, sv_r)):
+        if b.numel():
+            assert _rel_err(a, b) <= F64_TOL, name
+    tensors = [q, k, v, g, pk, pv]
+    _, grads_k = _fwd_and_grads(outputs_of(kernel), tensors)
+    _, grads_r = _fwd_and_grads(outputs_of(loops), tensors)
+    for name, a, b in zip(["q", "k", "v", "g", "prefix_k", "prefix_v"], grads_k, grads_r):
+        assert _rel_err(a, b) <= F64_TOL, f"grad {name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_loop_free_scan_is_exact_for_gates_at_the_ends_of_the_range(dtype):
+    """Gates near 0 multiply to far below fp32's range within a chunk; the scan neither divides nor exponentiates."""
+    B, T, H, D, L = 1, 64, 2, 16, 16
+    q, k, v, _, _, _ = _inputs(B, T, H, D, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    g = torch.sigmoid(40 * torch.randn(B, T, H, D, generator=gen, dtype=torch.float64))  # ~1e-17 .. 1 - 1e-17
+    assert g.min() < 1e-12 and g.prod(dim=1).min() == 0  # a chunk's gates multiply to nothing
+    tensors = [t.to(dtype) for t in (q, k, v, g)]
+    out_k, grads_k = _fwd_and_grads(lambda q, k, v, g: _kernel(q, k, v, g, L, 10000.0), tensors)
+    out_r, grads_r = _fwd_and_grads(lambda q, k, v, g: _rat_loops(q, k, v, g, L, 10000.0),
+                                    [t.double() for t in tensors])
+    tol = F64_TOL if dtype == torch.float64 else F32_TOL
+    assert torch.isfinite(out_k).all() and _rel_err(out_k, out_r) <= tol
+    for name, a, b in zip("qkvg", grads_k, grads_r):
+        assert torch.isfinite(a).all() and _rel_err(a, b) <= tol, f"grad {name}"
+
+
+def test_long_sequences_run_in_query_blocks_with_the_same_result():
+    """Past one query block (kernels.rat.chunk.QUERY_BLOCK tokens) the blocks recompute in backward."""
+    from kernels.rat import chunk
+    from kernels.rat.naive import rat_naive
+
+    B, T, H, D, L = 1, 3 * chunk.QUERY_BLOCK + 24, 1, 8, 8
+    q, k, v, g, pk, pv = _inputs(B, T, H, D, n_prefix=3, seed=8)
+    tensors = [q, k, v, g, pk, pv]
+    out_k, grads_k = _fwd_and_grads(lambda *t: _kernel(*t[:4], L, 10000.0, t[4], t[5], 3), tensors)
+    out_r, grads_r = _fwd_and_grads(
+        lambda *t: rat_naive(*t[:4], chunk_size=L, prefix_k=t[4], prefix_v=t[5], chunk_start=3),
+        tensors,
+    )
+    assert _rel_err(out_k, out_r) <= F64_TOL
+    for name, a, b in zip(["q", "k", "v", "g", "prefix_k", "prefix_v"], grads_k, grads_r):
+        assert _rel_err(a, b) <= F64_TOL, f"grad {name}"
 
 
 def test_auto_backend_on_cpu_equals_torch():

@@ -164,6 +164,43 @@ def test_chunk_summaries_triton_matches_float64_reference(seq_len, head_dim, chu
         _assert_close_to_magnitude(f"d{name}", got_grads[name], want_grads[name], dtype)
 
 
+@pytest.mark.parametrize("seq_len, num_prefix, chunk_start", [(45, None, 0), (150, 3, 7)], ids=["T45", "T150-prefix3"])
+def test_lse_and_summaries_outputs_and_their_gradients(seq_len, num_prefix, chunk_start):
+    """return_lse and return_summaries (RAT-SP merges with them): values and gradients through every output."""
+    inputs, gen = _inputs(1, seq_len, 2, 32, num_prefix, torch.float32, seed=seq_len)
+    options = dict(chunk_size=8, rope_base=10000.0, chunk_start=chunk_start)
+
+    def triton_outputs(**t):
+        return rat(**t, **options, return_lse=True, return_summaries=True, backend="triton")
+
+    def reference_outputs(**t):
+        out, lse = rat_naive(**t, **options, return_lse=True)
+        return (out, lse, *naive.chunk_summaries(t["k"], t["v"], t["g"], **options))
+
+    got = triton_outputs(**inputs)
+    want = reference_outputs(**{name: t.double() for name, t in inputs.items()})
+    names = ("out", "lse", "summary_k", "summary_v")
+    upstream = [torch.randn(w.shape, generator=gen, dtype=torch.float64).to(DEVICE) for w in want]
+    for name, a, b in zip(names, got, want):
+        assert a.shape == b.shape, name
+        _assert_close_to_magnitude(name, a, b, torch.float32)
+
+    def grads(fn, tensors, used):
+        leaves = {name: _strided_leaf(t) for name, t in tensors.items()}
+        outputs = fn(**leaves)
+        total = sum((o * u.to(o.dtype)).sum() for name, o, u in zip(names, outputs, upstream) if name in used)
+        return dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()), allow_unused=True)))
+
+    for used in (names, ("lse",)):  # every output, then lse alone (no gradient reaches out or the summaries)
+        got_grads = grads(triton_outputs, inputs, used)
+        want_grads = grads(reference_outputs, {name: t.double() for name, t in inputs.items()}, used)
+        for name, got_grad in got_grads.items():
+            want_grad = want_grads[name]
+            if want_grad is None:  # lse does not read v: the reference leaves it out of the graph
+                want_grad = torch.zeros_like(inputs[name], dtype=torch.float64)
+            _assert_close_to_magnitude(f"d{name} ({', '.join(used)})", got_grad, want_grad, torch.float32)
+
+
 def _no_triton(*args, **kwargs):
     raise AssertionError("the Triton kernels were launched")
 
@@ -173,11 +210,11 @@ def test_auto_runs_torch_on_cpu(monkeypatch):
     inputs, _ = _inputs(1, 20, 2, 32, None, torch.float32, seed=1)
     cpu_inputs = {name: t.cpu() for name, t in inputs.items()}
     out = rat(**cpu_inputs, chunk_size=8, backend="auto")
-    torch.testing.assert_close(out, rat_naive(**cpu_inputs, chunk_size=8), rtol=0, atol=0)
+    torch.testing.assert_close(out, rat(**cpu_inputs, chunk_size=8, backend="torch"), rtol=0, atol=0)
     monkeypatch.setattr(rat_triton_module, "chunk_summaries_triton", _no_triton)
     kvg = {name: cpu_inputs[name] for name in "kvg"}
     summaries = chunk_summaries(**kvg, chunk_size=8, backend="auto")
-    torch.testing.assert_close(summaries, naive.chunk_summaries(**kvg, chunk_size=8), rtol=0, atol=0)
+    torch.testing.assert_close(summaries, chunk_summaries(**kvg, chunk_size=8, backend="torch"), rtol=0, atol=0)
 
 
 def test_auto_falls_back_to_torch_for_other_chunk_sizes(monkeypatch):

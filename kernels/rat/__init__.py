@@ -1,5 +1,7 @@
-"""The fused RAT layer core: `rat(q, k, v, g, chunk_size=...)`; `naive.py` is its definition, `triton.py` its kernels.
+"""The fused RAT layer core: `rat(q, k, v, g, chunk_size=...)`.
 
+`naive.py` is its definition (a loop over the L steps of each chunk); `chunk.py` is the
+loop-free torch form that the torch backend runs; `triton.py` holds the fused kernels.
 With the environment variable LSYS_DEBUG=1 the gate's range is checked on every call
 (a device sync, so it is off by default).
 """
@@ -9,8 +11,7 @@ import os
 from torch import Tensor
 
 from kernels.backend import BACKENDS, pick_backend
-from kernels.rat import naive
-from kernels.rat.naive import rat_naive
+from kernels.rat.chunk import chunk_summaries_chunk, rat_chunk
 
 __all__ = ["rat", "chunk_summaries"]
 
@@ -29,9 +30,18 @@ def rat(
     prefix_k: Tensor | None = None,
     prefix_v: Tensor | None = None,
     chunk_start: int = 0,
+    return_lse: bool = False,
+    return_summaries: bool = False,
     backend: str = "auto",
-) -> Tensor:
-    """RAT core on `[B, T, H, D]` tensors (g: forget gate in (0, 1)); see kernels/rat/naive.py."""
+) -> Tensor | tuple[Tensor, ...]:
+    """RAT core on `[B, T, H, D]` tensors (g: forget gate in (0, 1)); see kernels/rat/naive.py.
+
+    Returns out `[B, T, H, D]` in v's dtype, followed by what is asked for, in this order:
+    `return_lse`: lse `[B, H, T]`, the log of each token's softmax denominator (summaries and
+    own state) in fp32 (float64 for float64 inputs), for merging with attention over more
+    summaries; `return_summaries`: the rotated summaries `(k~, v~) [B, T // L, H, D]` of the
+    complete chunks, as `chunk_summaries` gives them, from the same scan. All are differentiable.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"rat: unknown backend {backend!r}; choose one of {BACKENDS}")
     if chunk_size <= 0:
@@ -57,17 +67,16 @@ def rat(
             )
 
     tensors = {"q": q, "k": k, "v": v, "g": g, "prefix_k": prefix_k, "prefix_v": prefix_v}
+    options = dict(chunk_size=chunk_size, rope_base=rope_base, prefix_k=prefix_k, prefix_v=prefix_v,
+                   chunk_start=chunk_start)
     if _pick("rat", backend, tensors, chunk_size) == "triton":
         from kernels.rat.triton import rat_triton  # lazy: Triton picks interpreter or compiler at import
 
-        return rat_triton(
-            q, k, v, g, chunk_size=chunk_size, rope_base=rope_base,
-            prefix_k=prefix_k, prefix_v=prefix_v, chunk_start=chunk_start,
-        )
-    return rat_naive(
-        q, k, v, g, chunk_size=chunk_size, rope_base=rope_base,
-        prefix_k=prefix_k, prefix_v=prefix_v, chunk_start=chunk_start,
-    )
+        out, lse, summary_k, summary_v = rat_triton(q, k, v, g, **options)
+    else:
+        out, lse, summary_k, summary_v = rat_chunk(q, k, v, g, **options)
+    extra = ((lse,) if return_lse else ()) + ((summary_k, summary_v) if return_summaries else ())
+    return (out, *extra) if extra else out
 
 
 def chunk_summaries(
@@ -94,7 +103,7 @@ def chunk_summaries(
         from kernels.rat.triton import chunk_summaries_triton  # lazy, as in rat()
 
         return chunk_summaries_triton(k, v, g, chunk_size=chunk_size, rope_base=rope_base, chunk_start=chunk_start)
-    return naive.chunk_summaries(k, v, g, chunk_size=chunk_size, rope_base=rope_base, chunk_start=chunk_start)
+    return chunk_summaries_chunk(k, v, g, chunk_size=chunk_size, rope_base=rope_base, chunk_start=chunk_start)
 
 
 def _pick(op: str, backend: str, tensors: dict[str, Tensor | None], chunk_size: int) -> str:

@@ -36,8 +36,12 @@ def rat_naive(
     prefix_k: Tensor | None = None,
     prefix_v: Tensor | None = None,
     chunk_start: int = 0,
-) -> Tensor:
-    """RAT core on `[B, T, H, D]` inputs; any T (a partial last chunk's summary is never read)."""
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """RAT core on `[B, T, H, D]` inputs; any T (a partial last chunk's summary is never read).
+
+    With `return_lse` also each token's log-sum-exp of its scores `[B, H, T]` (compute dtype).
+    """
     batch, seq_len, heads, head_dim = q.shape
     num_chunks = -(-seq_len // chunk_size)
     pad = num_chunks * chunk_size - seq_len
@@ -73,10 +77,14 @@ def rat_naive(
     scores_summaries = torch.einsum("bclhd,bshd->bhcls", q_c, summaries_k) * scale
     scores_summaries = scores_summaries.masked_fill(~visible[:, None, :], float("-inf"))
     score_own = torch.einsum("bclhd,bclhd->bhcl", q_c, k_state)[..., None] * scale
-    probs = torch.cat([scores_summaries, score_own], dim=-1).softmax(dim=-1)
+    scores = torch.cat([scores_summaries, score_own], dim=-1)
+    probs = scores.softmax(dim=-1)
     out = torch.einsum("bhcls,bshd->bclhd", probs[..., :-1], summaries_v)
     out = out + probs[..., -1].permute(0, 2, 3, 1)[..., None] * v_state
-    return out.reshape(batch, num_chunks * chunk_size, heads, head_dim)[:, :seq_len].to(v.dtype)
+    out = out.reshape(batch, num_chunks * chunk_size, heads, head_dim)[:, :seq_len].to(v.dtype)
+    if not return_lse:
+        return out
+    return out, torch.logsumexp(scores, dim=-1).flatten(2)[..., :seq_len]
 
 
 def chunk_summaries(

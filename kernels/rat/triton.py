@@ -675,13 +675,21 @@ class _RatFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, g, out, lse, sum_k, sum_v, cos, sin)
         ctx.chunk_size, ctx.has_rope, ctx.num_prefix = chunk_size, has_rope, num_prefix
         ctx.prefix_dtypes = (prefix_k.dtype, prefix_v.dtype)
-        return out
+        ctx.set_materialize_grads(False)  # lse and the summaries are often not used: no zero gradients for them
+        # The complete local chunks' summaries, in the compute dtype as chunk_summaries returns them.
+        compute_dtype = torch.promote_types(k.dtype, g.dtype)
+        local = slice(num_prefix, num_prefix + seq_len // chunk_size)
+        summary_k = sum_k[:, :, local].transpose(1, 2).to(compute_dtype, copy=True)
+        summary_v = sum_v[:, :, local].transpose(1, 2).to(compute_dtype, copy=True)
+        return out, lse.clone(), summary_k, summary_v
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_lse, grad_summary_k, grad_summary_v):
         q, k, v, g, out, lse, sum_k, sum_v, cos, sin = ctx.saved_tensors
         batch, seq_len, heads, head_dim = q.shape
         num_prefix, num_summaries = ctx.num_prefix, sum_k.shape[2]
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         common = dict(CHUNK=ctx.chunk_size, HALF=head_dim // 2, HAS_ROPE=ctx.has_rope)
@@ -691,6 +699,9 @@ class _RatFunction(torch.autograd.Function):
         _delta_kernel[(triton.cdiv(seq_len, _SCAN_BLOCK_M), batch * heads)](
             out, grad_out, *_bth_strides(grad_out), delta, seq_len, heads, HEAD_DIM=head_dim, BLOCK_M=_SCAN_BLOCK_M,
         )
+        if grad_lse is not None:
+            # d lse / d score = the probability, so an lse gradient joins dO . o in the row term.
+            delta -= grad_lse.float()
         dsum_k = new_output(sum_k.shape, like=sum_k)
         dsum_v = new_output(sum_v.shape, like=sum_v)
         _summary_grads_kernel[lambda meta: (triton.cdiv(num_summaries, meta["BLOCK_N"]), batch * heads)](
@@ -698,6 +709,13 @@ class _RatFunction(torch.autograd.Function):
             cos, sin, sum_k, sum_v, dsum_k, dsum_v,
             seq_len, heads, num_prefix, num_summaries, scale, **common,
         )
+        # Summaries returned to the caller get their gradient there too; the query-grads kernel
+        # takes each chunk's total summary gradient back through the scan.
+        local = slice(num_prefix, num_prefix + seq_len // ctx.chunk_size)
+        if grad_summary_k is not None:
+            dsum_k[:, :, local] += grad_summary_k.transpose(1, 2)
+        if grad_summary_v is not None:
+            dsum_v[:, :, local] += grad_summary_v.transpose(1, 2)
         dq = new_output(q.shape, like=q)
         dk = new_output(k.shape, like=k)
         dv = new_output(v.shape, like=v)
@@ -724,8 +742,8 @@ def rat_triton(
     prefix_k: Tensor | None = None,
     prefix_v: Tensor | None = None,
     chunk_start: int = 0,
-) -> Tensor:
-    """The RAT core with fused Triton kernels; inputs already checked by `kernels.rat.rat`."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, lse, summary keys, summary values) with fused Triton kernels; inputs already checked by `kernels.rat`."""
     if prefix_k is None:
         batch, _, heads, head_dim = k.shape
         prefix_k = prefix_v = k.new_empty(batch, 0, heads, head_dim)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import kernels
 import parallel
-from kernels.rat.naive import chunk_scan, chunk_summaries
+from kernels.rat.chunk import gated_chunk_scan
 from lsys.models.cache import Cache, attend, rotate_rows
 from lsys.models.config import ModelConfig
 from lsys.models.registry import register_mixer
@@ -112,16 +112,18 @@ class RAT(nn.Module):
     def prefill(self, x: Tensor, cache: RATCache) -> Tensor:
         """Like forward for prompts starting at position 0, keeping the summaries and the running state."""
         z, q, k, v, forget = self.project(x)
-        y = kernels.rat(q, k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base)
-        summary_k, summary_v = chunk_summaries(k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base)
+        y, summary_k, summary_v = kernels.rat(
+            q, k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base, return_summaries=True
+        )
         cache.summary_keys[:, : summary_k.shape[1]] = summary_k
         cache.summary_values[:, : summary_v.shape[1]] = summary_v
         tail = x.shape[1] % self.chunk_size  # tokens of the unfinished last chunk
         if tail:
+            # Its running state, which no summary holds: a scan of under L tokens.
             state_dtype = cache.state_keys.dtype
-            gate = forget[:, -tail:, None].to(state_dtype).transpose(1, 2)  # one chunk of `tail` steps
-            cache.state_keys[:] = chunk_scan(k[:, -tail:, None].to(state_dtype).transpose(1, 2), gate, tail)[:, :, -1]
-            cache.state_values[:] = chunk_scan(v[:, -tail:, None].to(state_dtype).transpose(1, 2), gate, tail)[:, :, -1]
+            streams = torch.stack([k[:, -tail:], v[:, -tail:]])[:, :, None].to(state_dtype)  # one chunk of `tail`
+            states = gated_chunk_scan(streams, forget[:, -tail:][:, None].to(state_dtype))
+            cache.state_keys[:], cache.state_values[:] = states[:, :, :, -1]
         cache.lengths += x.shape[1]
         return self.out(torch.sigmoid(z) * y.flatten(2))
 

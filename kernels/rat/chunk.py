@@ -1,0 +1,188 @@
+"""RAT in whole chunks without a loop over the L steps: the fast torch form of naive.py.
+
+The gated scan inside a chunk, h_t = g_t h_{t-1} + b_t with b_t = (1 - g_t) x_t and h_{-1} = 0,
+composes like the pairs (g, b) under (g1, b1) then (g2, b2) = (g1 g2, g2 b1 + b2). So log2(L)
+doubling steps over the whole tensor (Hillis-Steele) give every h_t exactly: after the step of
+offset d, position t holds the composition of the 2d steps ending at t. Nothing is divided or
+exponentiated, so any gate in [0, 1] is exact (the closed form with cumulative log-gates
+overflows once a chunk's gates multiply below ~1e-38 in fp32). The backward is the same scan
+run in reverse, lam_t = dh_t + g_{t+1} lam_{t+1}, then dx_t = (1 - g_t) lam_t and
+dg_t = lam_t (h_{t-1} - x_t); k~ and v~ share one gate, so they are scanned together.
+
+Attention then reads the states: a token of chunk c scores the summaries (final states) of
+chunks before it and its own state. Its query and its own state carry the same inter-chunk
+rotation, which cancels in their dot product, so only queries and summaries are rotated.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from kernels.rope import apply_rope, rope_angles
+
+QUERY_BLOCK = 256  # query tokens per score block (rounded down to whole chunks)
+
+
+def _scan_(gates: Tensor, values: Tensor, *, reverse: bool = False) -> Tensor:
+    """h_t = a_t h_{t-1} + b_t along dim -3 of `values` (the b_t), in place; `gates` (a_t) broadcast to it."""
+    length, offset = values.shape[-3], 1
+    while offset < length:
+        # After this step position t holds the composition of the 2 * offset steps ending at t.
+        head, tail = slice(None, length - offset), slice(offset, None)
+        if reverse:
+            values[..., head, :, :] += gates[..., head, :, :] * values[..., tail, :, :]
+        else:
+            values[..., tail, :, :] += gates[..., tail, :, :] * values[..., head, :, :]
+        if 2 * offset < length:  # compose the gates for the next, twice as long, step
+            kept = gates[..., length - offset :, :, :] if reverse else gates[..., :offset, :, :]
+            moved = gates[..., head, :, :] * gates[..., tail, :, :]
+            gates = torch.cat([moved, kept] if reverse else [kept, moved], dim=-3)
+        offset *= 2
+    return values
+
+
+class _GatedChunkScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, g: Tensor) -> Tensor:
+        states = _scan_(g, (1 - g) * x)
+        ctx.save_for_backward(x, g, states)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states: Tensor) -> tuple[Tensor, Tensor]:
+        x, g, states = ctx.saved_tensors
+        next_gate = F.pad(g[..., 1:, :, :], (0, 0, 0, 0, 0, 1))  # g_{t+1}, and 0 past the chunk's end
+        lam = _scan_(next_gate, grad_states.clone(), reverse=True)
+        grad_x = (1 - g) * lam
+        grad_g = -lam * x
+        grad_g[..., 1:, :, :] += lam[..., 1:, :, :] * states[..., :-1, :, :]
+        return grad_x, grad_g.sum(0)
+
+
+def gated_chunk_scan(x: Tensor, g: Tensor) -> Tensor:
+    """Running states of streams `x [S, B, C, L, H, D]` under one gate `g [B, C, L, H, D]`, restarting every chunk."""
+    return _GatedChunkScan.apply(x, g)
+
+
+def _rotate_chunks(x: Tensor, first_chunk: int, rope_base: float | None) -> Tensor:
+    """Rotate `x [B, C, ..., H, D]` by the global chunk index first_chunk + c along dim 1."""
+    if rope_base is None:
+        return x
+    chunk_ids = torch.arange(first_chunk, first_chunk + x.shape[1], device=x.device)
+    cos, sin = rope_angles(chunk_ids, x.shape[-1], rope_base)
+    moved = x.movedim(1, -3)  # apply_rope rotates along dim -3
+    return apply_rope(moved, cos, sin).movedim(-3, 1)
+
+
+def _attend_summaries(
+    q: Tensor, keys: Tensor, values: Tensor, own_score: Tensor, own_value: Tensor, first_chunk: int, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """One softmax over visible summaries and the own state, for a block of whole chunks: (out, lse).
+
+    q `[B, H, Q, D]` rotated and scaled; keys `[B, H, D, S]` and values `[B, H, S, D]` the
+    summaries some token of the block can see (prefix first); own_score `[B, H, Q]` and
+    own_value `[B, H, Q, D]`. Token i of the block sits in chunk first_chunk + i // L and sees
+    the first S - (chunks after its own) summaries.
+    """
+    num_visible = keys.shape[-1]
+    scores = q @ keys
+    last_chunk = first_chunk + (q.shape[2] - 1) // chunk_size
+    token_chunk = first_chunk + torch.arange(q.shape[2], device=q.device) // chunk_size
+    # The block's last chunk sees all S; a token `last_chunk - c` chunks earlier sees that many fewer.
+    hidden = torch.arange(num_visible, device=q.device) >= num_visible - (last_chunk - token_chunk)[:, None]
+    scores = scores.masked_fill_(hidden, float("-inf"))
+    # The max only keeps exp in range; out and lse do not depend on it, so it takes no gradient.
+    top = (torch.maximum(scores.amax(dim=-1), own_score) if num_visible else own_score).detach()
+    weights = scores.sub_(top[..., None]).exp_()
+    own_weight = torch.exp(own_score - top)
+    total = weights.sum(dim=-1) + own_weight
+    out = (weights @ values + own_weight[..., None] * own_value) / total[..., None]
+    return out, top + total.log()
+
+
+def rat_chunk(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    *,
+    chunk_size: int,
+    rope_base: float | None = 10000.0,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
+    chunk_start: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """RAT core on `[B, T, H, D]`: (out, lse `[B, H, T]`, rotated summary keys and values `[B, T // L, H, D]`).
+
+    lse is the log of the softmax's denominator (summaries and own state) in the compute dtype;
+    the summaries are those of the complete chunks, as `chunk_summaries` gives them. Queries go
+    in blocks of about QUERY_BLOCK tokens, each scoring only the summaries it can see; with more
+    than one block and gradients needed, each block is recomputed in backward, so memory stays
+    linear in T.
+    """
+    batch, seq_len, heads, head_dim = q.shape
+    num_chunks = -(-seq_len // chunk_size)
+    padded_len = num_chunks * chunk_size
+    compute_dtype = torch.promote_types(q.dtype, g.dtype)
+
+    def to_chunks(x: Tensor) -> Tensor:
+        x = F.pad(x.to(compute_dtype), (0, 0, 0, 0, 0, padded_len - seq_len))
+        return x.view(batch, num_chunks, chunk_size, heads, head_dim)
+
+    states = gated_chunk_scan(torch.stack([to_chunks(k), to_chunks(v)]), to_chunks(g))
+    k_state, v_state = states  # [B, C, L, H, D] each
+    summary_k = _rotate_chunks(k_state[:, :, -1], chunk_start, rope_base)
+    summary_v = v_state[:, :, -1]
+    q_chunks = to_chunks(q)
+
+    def heads_first(x: Tensor) -> Tensor:
+        return x.reshape(batch, padded_len, heads, -1).transpose(1, 2)
+
+    scale = head_dim**-0.5
+    rotated_q = heads_first(_rotate_chunks(q_chunks, chunk_start, rope_base) * scale)
+    # A query and its own state carry the same rotation, which cancels in their dot product.
+    own_score = heads_first((q_chunks * k_state).sum(-1, keepdim=True) * scale)[..., 0]  # [B, H, T]
+    own_value = heads_first(v_state)
+    keys, values = summary_k.permute(0, 2, 3, 1), summary_v.transpose(1, 2)  # [B, H, D, C], [B, H, C, D]
+    num_prefix = 0
+    if prefix_k is not None:
+        num_prefix = prefix_k.shape[1]
+        keys = torch.cat([prefix_k.to(compute_dtype).permute(0, 2, 3, 1), keys], dim=-1)
+        values = torch.cat([prefix_v.to(compute_dtype).transpose(1, 2), values], dim=-2)
+
+    block = max(chunk_size, QUERY_BLOCK // chunk_size * chunk_size)
+    recompute = padded_len > block and torch.is_grad_enabled()
+    outs, lses = [], []
+    for begin in range(0, padded_len, block):
+        end = min(begin + block, padded_len)
+        visible = num_prefix + end // chunk_size - 1  # what the block's last chunk sees
+        args = (
+            rotated_q[:, :, begin:end], keys[..., :visible], values[:, :, :visible],
+            own_score[:, :, begin:end], own_value[:, :, begin:end], begin // chunk_size, chunk_size,
+        )
+        if recompute:
+            out, lse = checkpoint(_attend_summaries, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            out, lse = _attend_summaries(*args)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.cat(outs, dim=2).transpose(1, 2)[:, :seq_len].to(v.dtype)
+    complete = seq_len // chunk_size
+    return out, torch.cat(lses, dim=-1)[..., :seq_len], summary_k[:, :complete], summary_v[:, :complete]
+
+
+def chunk_summaries_chunk(
+    k: Tensor, v: Tensor, g: Tensor, *, chunk_size: int, rope_base: float | None = 10000.0, chunk_start: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Rotated final states `(k~, v~) [B, T // L, H, D]` of the complete chunks, by the same scan."""
+    batch, seq_len, heads, head_dim = k.shape
+    num_chunks = seq_len // chunk_size
+    compute_dtype = torch.promote_types(k.dtype, g.dtype)
+    shape = (batch, num_chunks, chunk_size, heads, head_dim)
+
+    def to_chunks(x: Tensor) -> Tensor:
+        return x[:, : num_chunks * chunk_size].to(compute_dtype).reshape(shape)
+
+    states = gated_chunk_scan(torch.stack([to_chunks(k), to_chunks(v)]), to_chunks(g))
+    return _rotate_chunks(states[0, :, :, -1], chunk_start, rope_base), states[1, :, :, -1]
