@@ -14,6 +14,7 @@ Tolerances, one metric throughout (``_rel_err``): max|a - b| / max|b|, b the ref
 from __future__ import annotations
 
 import functools
+import importlib
 import warnings
 
 import pytest
@@ -156,6 +157,8 @@ FLOAT32_CASES = [
     "sdpa_causal", "sdpa_full_tq_ne_tk", "causal_lse_scale", "window5", "queries_after_keys", "s2_l2_v3_h4_start1",
 ]
 SDPA_CASES = {"sdpa_causal", "sdpa_full_tq_ne_tk", "sdpa_full_offsets_scale"}
+# Short windowed and S2 attention without lse: SDPA with the pattern as a mask.
+MASKED_SDPA_CASES = {"window1", "s2_l1_v4_h8_start4"}
 
 
 def _run_case(name, dtype, monkeypatch, query_chunk=None):
@@ -240,7 +243,22 @@ def test_sdpa_fast_path_taken_exactly_when_it_applies(name, monkeypatch):
         q, k, v, causal=causal, window=window, s2=_pattern(s2), q_start=q_start, k_start=k_start,
         scale=scale, return_lse=return_lse,
     )
-    assert bool(calls) == (name in SDPA_CASES)
+    assert bool(calls) == (name in SDPA_CASES | MASKED_SDPA_CASES)
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_SDPA_CASES))
+def test_long_windowed_and_s2_attention_runs_chunked(name, monkeypatch):
+    """Past MASKED_SDPA_MAX_SCORES the mask is not built: the chunked reference runs, with the same result."""
+    attention_module = importlib.import_module("kernels.attention")  # the package; kernels.attention is the op
+    monkeypatch.setattr(attention_module, "MASKED_SDPA_MAX_SCORES", 100)
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real_sdpa(*a, **kw))
+    (out, _, grads), (ref_out, _, ref_grads), _ = _run_case(name, torch.float64, monkeypatch)
+    assert not calls
+    _assert_close(out, ref_out, F64_TOL, "out")
+    for label, grad, ref_grad in zip("qkv", grads, ref_grads):
+        _assert_close(grad, ref_grad, F64_TOL, f"d{label}")
 
 
 # --------------------------------------------------------------------------- #

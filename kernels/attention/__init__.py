@@ -1,15 +1,20 @@
 """Softmax attention with global positions, sliding windows and S2 sparsity; `naive.py` is its definition."""
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.attention.naive import attention_naive
+from kernels.attention.naive import attention_naive, visible_mask
 from kernels.attention.s2 import S2Pattern
 from kernels.backend import BACKENDS, pick_backend
 
 __all__ = ["attention", "S2Pattern", "BACKENDS"]
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)  # the head dims the Triton kernels are built and tested for
+# Up to this many scores per (batch, head), the torch backend runs windowed and S2 attention as
+# one SDPA call with the pattern as a mask (3x the chunked reference at 256 x 256 on a CPU core,
+# even at 1024 x 1024); beyond it, the mask's memory and the masked-out work outweigh that.
+MASKED_SDPA_MAX_SCORES = 1024 * 1024
 
 
 def _check_inputs(
@@ -67,9 +72,10 @@ def attention(
     `backend`: "triton" runs the flash kernels of kernels/attention/triton.py (fp16, bf16,
     fp32; head dims TRITON_HEAD_DIMS); "auto" picks them for CUDA tensors they take.
     The "torch" backend sends plain full or causal attention without lse to torch's
-    scaled_dot_product_attention; everything else runs in query chunks of naive.QUERY_CHUNK
-    rows over only the visible key range, checkpointed when gradients are needed, so neither
-    forward nor backward holds a Tq x Tk score matrix.
+    scaled_dot_product_attention, and short windowed or S2 attention too, masked; everything
+    else runs in query chunks of naive.QUERY_CHUNK rows over only the visible key range,
+    checkpointed when gradients are needed, so neither forward nor backward holds a Tq x Tk
+    score matrix.
     """
     _check_inputs(q, k, v, causal, window, s2, q_start, k_start)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -88,12 +94,22 @@ def _attention_torch(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool, window: int | None, s2: S2Pattern | None,
     q_start: int, k_start: int, scale: float, return_lse: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    # Without window, S2 or lse, and with offsets that cannot shift the causal diagonal,
-    # this is exactly SDPA, which is much faster than the chunked reference.
+    # Without lse, and with offsets that cannot shift the causal diagonal (every query then sees
+    # at least its own key), this is SDPA: exactly, without window or S2; with a boolean mask of
+    # the pattern for short sequences, where one fused call beats the chunked reference.
     same_diagonal = not causal or (q_start == k_start and q.shape[1] == k.shape[1])
-    if window is None and s2 is None and not return_lse and same_diagonal:
+    if not return_lse and same_diagonal:
+        mask = None
+        if window is not None or s2 is not None:
+            if q.shape[1] * k.shape[1] > MASKED_SDPA_MAX_SCORES:
+                return attention_naive(
+                    q, k, v, causal=causal, window=window, s2=s2, q_start=q_start, k_start=k_start, scale=scale
+                )
+            positions = torch.arange(q_start, q_start + q.shape[1], device=q.device)
+            mask = visible_mask(positions, positions, causal=causal, window=window, s2=s2, heads=q.shape[2])
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=scale
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=causal and mask is None, scale=scale,
         )
         return out.transpose(1, 2), None
     return attention_naive(q, k, v, causal=causal, window=window, s2=s2, q_start=q_start, k_start=k_start, scale=scale)

@@ -24,55 +24,81 @@ from kernels.rope import apply_rope, rope_angles
 QUERY_BLOCK = 256  # query tokens per score block (rounded down to whole chunks)
 
 
-def _scan_(gates: Tensor, values: Tensor, *, reverse: bool = False) -> Tensor:
-    """h_t = a_t h_{t-1} + b_t along dim -3 of `values` (the b_t), in place; `gates` (a_t) broadcast to it."""
+def _scan(gates: Tensor, values: Tensor, *, reverse: bool = False) -> Tensor:
+    """h_t = a_t h_{t-1} + b_t along dim -3 (h_t = a_t h_{t+1} + b_t if reverse), in log2(L) doubling steps.
+
+    `values` holds the b_t and is used as scratch; `gates` (the a_t) broadcast to it and are
+    left alone. Each step is one fused pass (addcmul) from one buffer into the other.
+    """
     length, offset = values.shape[-3], 1
+    spare = torch.empty_like(values)
     while offset < length:
-        # After this step position t holds the composition of the 2 * offset steps ending at t.
-        head, tail = slice(None, length - offset), slice(offset, None)
+        # After this step position t holds the composition of the 2 * offset steps ending at t
+        # (starting at t, if reverse): `fixed` positions have no partner that far away.
         if reverse:
-            values[..., head, :, :] += gates[..., head, :, :] * values[..., tail, :, :]
+            target, source, fixed = slice(0, length - offset), slice(offset, length), slice(length - offset, length)
+            unchanged = slice(length - offset, length - offset // 2)
         else:
-            values[..., tail, :, :] += gates[..., tail, :, :] * values[..., head, :, :]
+            target, source, fixed = slice(offset, length), slice(0, length - offset), slice(0, offset)
+            unchanged = slice(offset // 2, offset)
+        torch.addcmul(
+            values[..., target, :, :], gates[..., target, :, :], values[..., source, :, :], out=spare[..., target, :, :]
+        )
+        # The fixed positions are final; the spare buffer (two steps old) already holds all but
+        # the last half of them.
+        spare[..., unchanged, :, :] = values[..., unchanged, :, :]
+        values, spare = spare, values
         if 2 * offset < length:  # compose the gates for the next, twice as long, step
-            kept = gates[..., length - offset :, :, :] if reverse else gates[..., :offset, :, :]
-            moved = gates[..., head, :, :] * gates[..., tail, :, :]
-            gates = torch.cat([moved, kept] if reverse else [kept, moved], dim=-3)
+            composed = torch.empty_like(gates)
+            torch.mul(gates[..., target, :, :], gates[..., source, :, :], out=composed[..., target, :, :])
+            composed[..., fixed, :, :] = gates[..., fixed, :, :]
+            gates = composed
         offset *= 2
     return values
 
 
 class _GatedChunkScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, g: Tensor) -> Tensor:
-        states = _scan_(g, (1 - g) * x)
+    def forward(ctx, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        states = _scan(g, torch.addcmul(x, g, x, value=-1))  # b_t = (1 - g_t) x_t
         ctx.save_for_backward(x, g, states)
-        return states
+        ctx.set_materialize_grads(False)
+        # Each chunk's final state as an output of its own: its gradient is then added to one
+        # row, where slicing `states` would cost a zero-filled copy of all of them in backward.
+        return states, states[..., -1, :, :].clone()
 
     @staticmethod
-    def backward(ctx, grad_states: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(ctx, grad_states: Tensor | None, grad_finals: Tensor | None) -> tuple[Tensor, Tensor]:
         x, g, states = ctx.saved_tensors
+        if grad_states is None:
+            grad_states = torch.zeros_like(states)
+        else:
+            grad_states = grad_states.clone(memory_format=torch.contiguous_format)  # the scan's scratch
+        if grad_finals is not None:
+            grad_states[..., -1, :, :] += grad_finals
         next_gate = F.pad(g[..., 1:, :, :], (0, 0, 0, 0, 0, 1))  # g_{t+1}, and 0 past the chunk's end
-        lam = _scan_(next_gate, grad_states.clone(), reverse=True)
-        grad_x = (1 - g) * lam
-        grad_g = -lam * x
-        grad_g[..., 1:, :, :] += lam[..., 1:, :, :] * states[..., :-1, :, :]
-        return grad_x, grad_g.sum(0)
+        lam = _scan(next_gate, grad_states, reverse=True)
+        grad_x = torch.addcmul(lam, g, lam, value=-1)  # (1 - g_t) lam_t
+        # dg_t = lam_t (h_{t-1} - x_t), summed over the streams that share the gate
+        grad_g = lam * x
+        grad_g[..., 1:, :, :].addcmul_(lam[..., 1:, :, :], states[..., :-1, :, :], value=-1)
+        return grad_x, grad_g.sum(0).neg_()
 
 
-def gated_chunk_scan(x: Tensor, g: Tensor) -> Tensor:
-    """Running states of streams `x [S, B, C, L, H, D]` under one gate `g [B, C, L, H, D]`, restarting every chunk."""
+def gated_chunk_scan(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Running states of streams `x [S, B, C, L, H, D]` under one gate `g [B, C, L, H, D]`, restarting
+    every chunk, and each chunk's final state `[S, B, C, H, D]`."""
     return _GatedChunkScan.apply(x, g)
 
 
-def _rotate_chunks(x: Tensor, first_chunk: int, rope_base: float | None) -> Tensor:
-    """Rotate `x [B, C, ..., H, D]` by the global chunk index first_chunk + c along dim 1."""
+def _rotate_chunks(x: Tensor, first_chunk: int, rope_base: float | None, scale: float = 1.0) -> Tensor:
+    """Rotate `x [B, C, ..., H, D]` by the global chunk index first_chunk + c along dim 1, times `scale`."""
     if rope_base is None:
-        return x
+        return x * scale if scale != 1.0 else x
     chunk_ids = torch.arange(first_chunk, first_chunk + x.shape[1], device=x.device)
     cos, sin = rope_angles(chunk_ids, x.shape[-1], rope_base)
     moved = x.movedim(1, -3)  # apply_rope rotates along dim -3
-    return apply_rope(moved, cos, sin).movedim(-3, 1)
+    return apply_rope(moved, cos * scale, sin * scale).movedim(-3, 1)
 
 
 def _attend_summaries(
@@ -127,20 +153,22 @@ def rat_chunk(
     compute_dtype = torch.promote_types(q.dtype, g.dtype)
 
     def to_chunks(x: Tensor) -> Tensor:
-        x = F.pad(x.to(compute_dtype), (0, 0, 0, 0, 0, padded_len - seq_len))
+        x = x.to(compute_dtype)
+        if padded_len > seq_len:
+            x = F.pad(x, (0, 0, 0, 0, 0, padded_len - seq_len))
         return x.view(batch, num_chunks, chunk_size, heads, head_dim)
 
-    states = gated_chunk_scan(torch.stack([to_chunks(k), to_chunks(v)]), to_chunks(g))
+    states, finals = gated_chunk_scan(torch.stack([to_chunks(k), to_chunks(v)]), to_chunks(g))
     k_state, v_state = states  # [B, C, L, H, D] each
-    summary_k = _rotate_chunks(k_state[:, :, -1], chunk_start, rope_base)
-    summary_v = v_state[:, :, -1]
+    summary_k = _rotate_chunks(finals[0], chunk_start, rope_base)
+    summary_v = finals[1]
     q_chunks = to_chunks(q)
 
     def heads_first(x: Tensor) -> Tensor:
         return x.reshape(batch, padded_len, heads, -1).transpose(1, 2)
 
     scale = head_dim**-0.5
-    rotated_q = heads_first(_rotate_chunks(q_chunks, chunk_start, rope_base) * scale)
+    rotated_q = heads_first(_rotate_chunks(q_chunks, chunk_start, rope_base, scale))
     # A query and its own state carry the same rotation, which cancels in their dot product.
     own_score = heads_first((q_chunks * k_state).sum(-1, keepdim=True) * scale)[..., 0]  # [B, H, T]
     own_value = heads_first(v_state)
@@ -167,9 +195,10 @@ def rat_chunk(
             out, lse = _attend_summaries(*args)
         outs.append(out)
         lses.append(lse)
-    out = torch.cat(outs, dim=2).transpose(1, 2)[:, :seq_len].to(v.dtype)
+    out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, dim=2), torch.cat(lses, dim=-1))
     complete = seq_len // chunk_size
-    return out, torch.cat(lses, dim=-1)[..., :seq_len], summary_k[:, :complete], summary_v[:, :complete]
+    out = out.transpose(1, 2)[:, :seq_len].to(v.dtype)
+    return out, lse[..., :seq_len], summary_k[:, :complete], summary_v[:, :complete]
 
 
 def chunk_summaries_chunk(
@@ -184,5 +213,5 @@ def chunk_summaries_chunk(
     def to_chunks(x: Tensor) -> Tensor:
         return x[:, : num_chunks * chunk_size].to(compute_dtype).reshape(shape)
 
-    states = gated_chunk_scan(torch.stack([to_chunks(k), to_chunks(v)]), to_chunks(g))
-    return _rotate_chunks(states[0, :, :, -1], chunk_start, rope_base), states[1, :, :, -1]
+    _, finals = gated_chunk_scan(torch.stack([to_chunks(k), to_chunks(v)]), to_chunks(g))
+    return _rotate_chunks(finals[0], chunk_start, rope_base), finals[1]

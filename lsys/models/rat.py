@@ -122,8 +122,8 @@ class RAT(nn.Module):
             # Its running state, which no summary holds: a scan of under L tokens.
             state_dtype = cache.state_keys.dtype
             streams = torch.stack([k[:, -tail:], v[:, -tail:]])[:, :, None].to(state_dtype)  # one chunk of `tail`
-            states = gated_chunk_scan(streams, forget[:, -tail:][:, None].to(state_dtype))
-            cache.state_keys[:], cache.state_values[:] = states[:, :, :, -1]
+            _, finals = gated_chunk_scan(streams, forget[:, -tail:][:, None].to(state_dtype))
+            cache.state_keys[:], cache.state_values[:] = finals
         cache.lengths += x.shape[1]
         return self.out(torch.sigmoid(z) * y.flatten(2))
 
