@@ -52,17 +52,18 @@ def bench_train(args: argparse.Namespace) -> tuple[str, str]:
 def bench_mixers(args: argparse.Namespace) -> tuple[str, str]:
     names = list(MIXER_OPTIONS)
     shape = {"d_model": args.d_model, "n_heads": args.n_heads}
-    lengths = [2048, 8192, 32768]
-    layer = {(name, t): layer_seconds(name, t, repeats=1 if t > 8192 else 3, **shape) for name in names for t in lengths}
+    lengths = [256, 2048, 8192, 32768]
+    repeats = {256: 21, 2048: 3, 8192: 3, 32768: 1}  # short layers take milliseconds: more runs for a steady median
+    layer = {(name, t): layer_seconds(name, t, repeats=repeats[t], **shape) for name in names for t in lengths}
     contexts = [4096, 16384]
     decode = {(name, c): decode_stats(name, c, new_tokens=args.new_tokens, **shape) for name in names for c in contexts}
 
     lines = [
-        "| mixer | " + " | ".join(f"fwd+bwd T={t // 1024}K" for t in lengths) + " |",
+        "| mixer | " + " | ".join(f"fwd+bwd T={t if t < 1024 else f'{t // 1024}K'}" for t in lengths) + " |",
         "|---|" + "---|" * len(lengths),
     ]
     for name in names:
-        cells = [f"{layer[name, t]:.3f} s ({layer['attention', t] / layer[name, t]:.2f}x)" for t in lengths]
+        cells = [f"{layer[name, t]:.4f} s ({layer['attention', t] / layer[name, t]:.2f}x)" for t in lengths]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -81,7 +82,7 @@ def bench_mixers(args: argparse.Namespace) -> tuple[str, str]:
         f"Measured on {machine_line()} with `{args.command}`: torch backends, fp32, batch 1, "
         f"d_model {args.d_model}, {args.n_heads} heads, options of the 1B configs ({options}). "
         "A layer is the mixer alone (projections included, no MLP); time is the median of 3 runs "
-        "(1 at 32K) after a warm-up; in brackets the speed-up over attention. Decoding: a one-layer "
+        "(21 at 256, 1 at 32K) after a warm-up; in brackets the speed-up over attention. Decoding: a one-layer "
         f"model prefills the context, then decodes {args.new_tokens} tokens one by one; the cache "
         "is the layer's state for that context (fp32), in brackets how many times smaller than attention's.\n\n"
         + "\n".join(lines)

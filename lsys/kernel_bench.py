@@ -18,7 +18,7 @@ from torch import Tensor
 
 import kernels
 from kernels.attention.naive import attention_naive
-from kernels.rat.naive import chunk_scan, rat_naive
+from kernels.rat.chunk import gated_chunk_scan
 from kernels.rope import apply_rope, rope_angles
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -93,9 +93,9 @@ def rat_flex_reference(
         raise ValueError("rat_flex_reference: seq_len must be a multiple of chunk_size")
     dtype = torch.promote_types(q.dtype, g.dtype)
     shape = (batch, num_chunks, chunk_size, heads, head_dim)
-    g_c = g.to(dtype).view(shape)
-    k_state = chunk_scan(k.to(dtype).view(shape), g_c, chunk_size)
-    v_state = chunk_scan(v.to(dtype).view(shape), g_c, chunk_size)
+    # A log-depth scan, like the associative scan of the reference code (a loop over L would be slower).
+    (k_state, v_state), _ = gated_chunk_scan(torch.stack([k.to(dtype).view(shape), v.to(dtype).view(shape)]),
+                                             g.to(dtype).view(shape))
 
     cos, sin = rope_angles(torch.arange(num_chunks, device=q.device), head_dim, rope_base)
     q_rot = apply_rope(q.to(dtype).view(shape).transpose(1, 2), cos, sin).transpose(1, 2).reshape(q.shape)
@@ -267,7 +267,9 @@ def contestants(op: str, shape: Shape, *, chunk_size: int, pattern: kernels.S2Pa
             ),
         }
         if with_reference:
-            runs["lsys torch reference"] = lambda q, k, v, g: rat_naive(q, k, v, g, chunk_size=chunk_size)
+            runs["lsys torch reference"] = lambda q, k, v, g: kernels.rat(
+                q, k, v, g, chunk_size=chunk_size, backend="torch"
+            )
         return runs
     if op == "linear_attention":
         decay = torch.full((shape.heads,), 0.99, device=shape.device)
