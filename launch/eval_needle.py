@@ -1,11 +1,13 @@
 """Needle retrieval of a trained model: `python launch/eval_needle.py ckpt=runs/NAME eval.lengths=[256,512]`."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from lsys.eval.cli import run
+from lsys.hydra_app import exit_on_bad_overrides
 
 
 @hydra.main(config_path="../conf", config_name="eval_needle", version_base="1.3")
@@ -14,4 +16,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_bad_overrides(Path(__file__).resolve().parents[1] / "conf", "eval_needle")
     main()

@@ -1,11 +1,13 @@
 """Sample from a trained model: `python launch/generate.py ckpt=runs/NAME 'prompts=["def "]'`."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from lsys.generate import run
+from lsys.hydra_app import exit_on_bad_overrides
 
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
@@ -14,4 +16,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_bad_overrides(Path(__file__).resolve().parents[1] / "conf", "generate")
     main()

@@ -1,9 +1,12 @@
 """Print a model's parameter count, FLOPs per token and cache size: `python launch/model_info.py model=rat_1b`."""
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from lsys.config import model_config
+from lsys.hydra_app import exit_on_bad_overrides
 from lsys.models.summary import describe_model
 
 
@@ -13,4 +16,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_bad_overrides(Path(__file__).resolve().parents[1] / "conf", "config")
     main()

@@ -6,6 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lsys.models import MIXERS, ModelConfig
 from lsys.train.engine import ENGINES
+from lsys.train.resume import RESUME_OVERRIDES
 from parallel.layout import LAYOUTS
 from parallel.mesh import mesh_problems
 
@@ -117,4 +118,13 @@ def check_config(cfg: DictConfig) -> list[str]:
         problems.append(f"optim.warmup_fraction must be in [0, 1), got {optim.warmup_fraction}")
     if str(cfg.resume) not in ("auto", "none") and not Path(str(cfg.resume)).is_dir():
         problems.append(f"resume={cfg.resume!r}: use auto, none, or an existing checkpoint folder")
+    if cfg.resume_overrides not in RESUME_OVERRIDES:
+        problems.append(f"resume_overrides must be one of {', '.join(RESUME_OVERRIDES)}, got {cfg.resume_overrides!r}")
+    for key in ("spike_factor", "max_weight_growth"):  # factors: 1 or less would stop a healthy run
+        if trainer[key] is not None and trainer[key] <= 1:
+            problems.append(f"trainer.{key} must be above 1 or null, got {trainer[key]}")
+    if trainer.max_grad_norm_abort is not None and trainer.max_grad_norm_abort <= 0:
+        problems.append(f"trainer.max_grad_norm_abort must be positive or null, got {trainer.max_grad_norm_abort}")
+    if trainer.spike_window < 1:
+        problems.append(f"trainer.spike_window must be at least 1, got {trainer.spike_window}")
     return problems

@@ -8,13 +8,16 @@ from parallel.comm import comm_stats, reset_comm_stats
 from parallel.dispatch import attention, linear_attention, local_positions, rat
 from parallel.lasp import lasp
 from parallel.layout import Piece, SequenceLayout
-from parallel.mesh import Mesh, World, barrier, current_mesh, init_distributed, init_mesh, sequence_parallel, shutdown
+from parallel.mesh import (
+    Mesh, World, barrier, broadcast_from_main, current_mesh, init_distributed, init_mesh, sequence_parallel, shutdown,
+)
 from parallel.rat_sp import rat_sp
 from parallel.ring import ring_attention, ring_attention_pieces
 from parallel.ulysses import hybrid_attention, ulysses_attention
 
 __all__ = [
-    "Mesh", "Piece", "SequenceLayout", "World", "attention", "barrier", "comm_stats", "current_mesh",
+    "Mesh", "Piece", "SequenceLayout", "World", "attention", "barrier", "broadcast_from_main", "comm_stats",
+    "current_mesh",
     "hybrid_attention", "init_distributed", "init_mesh", "lasp", "linear_attention", "local_positions", "rat",
     "rat_sp", "reset_comm_stats", "ring_attention", "ring_attention_pieces", "sequence_parallel", "shutdown",
     "ulysses_attention",

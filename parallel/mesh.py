@@ -44,6 +44,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_from_main(value: object) -> object:
+    """Rank 0's `value` (a small picklable object) on every rank; itself in a lone process."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def shutdown() -> None:
     """Tear the default group down if this process started one, and forget the mesh."""
     global _MESH

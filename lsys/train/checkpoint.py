@@ -4,6 +4,7 @@ Layout of `run_dir/step-00000100/`:
     model.safetensors     model weights (rank 0)
     optimizer.pt          optimizer state (rank 0; loaded with weights_only=True)
     trainer.json          step, tokens seen, scheduler state, world size
+    config.yaml           the resolved config of the session that wrote it (compared on resume)
     rank-00000.pt ...     each rank's RNG states and data-loader position (weights_only)
     COMPLETE              manifest: every file's size and sha256, written last
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from parallel import World, barrier
@@ -46,6 +48,7 @@ class Checkpoint:
     optimizer: dict
     trainer: dict
     rank_state: dict | None  # this rank's {"rng": ..., "loader": ...}; None if the rank did not exist
+    config: dict | None = None  # the resolved config it was trained with; None for checkpoints from before lsys kept it
 
 
 def step_dir_name(step: int) -> str:
@@ -113,7 +116,10 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.run_dir)
 
-    def save(self, step: int, model_state: dict, optimizer_state: dict, trainer_state: dict, rank_state: dict) -> Path:
+    def save(
+        self, step: int, model_state: dict, optimizer_state: dict, trainer_state: dict, rank_state: dict,
+        config: dict | None = None,
+    ) -> Path:
         """Write a checkpoint collectively (every rank calls this, with its own `rank_state`); keep the newest `keep`."""
         final = self.run_dir / step_dir_name(step)
         tmp = self.run_dir / f".{final.name}.tmp"
@@ -127,6 +133,8 @@ class Checkpointer:
             save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
             torch.save(optimizer_state, tmp / "optimizer.pt")
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+            if config is not None:
+                OmegaConf.save(OmegaConf.create(config), tmp / "config.yaml")
         barrier()
         if self.world.is_main:
             files = {}
@@ -168,9 +176,13 @@ class Checkpointer:
             optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
             rank_file = path / f"rank-{self.world.rank:05d}.pt"
             rank_state = torch.load(rank_file, weights_only=True) if rank_file.is_file() else None
+            config_file = path / "config.yaml"
+            config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
         except Exception as error:  # any reader failure means the files are not what we wrote
             raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from None
-        return Checkpoint(path=path, model=model, optimizer=optimizer, trainer=trainer, rank_state=rank_state)
+        return Checkpoint(
+            path=path, model=model, optimizer=optimizer, trainer=trainer, rank_state=rank_state, config=config
+        )
 
 
 def load_model_weights(path: Path, model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

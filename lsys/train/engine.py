@@ -5,9 +5,10 @@ An engine owns the wrapped model, optimizer and schedule, and exposes
 state it saves: `model_state()`, `optimizer_state()`, `load(model_state, optimizer_state, scheduler_state)`.
 """
 
+import math
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -15,13 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lsys.train.guard import DivergenceError
 from parallel import World
 
 Batch = tuple[Tensor, Tensor]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or gradient norm became inf/NaN; the step was not applied."""
 
 
 @dataclass
@@ -29,6 +27,7 @@ class StepResult:
     loss: float
     grad_norm: float
     lr: float
+    weight_norm: float  # of all weights after the update
 
 
 def global_mean(value: Tensor) -> Tensor:
@@ -65,8 +64,12 @@ class DDPEngine:
             logits = self.wrapped(inputs.to(self.world.device, non_blocking=True))
         return F.cross_entropy(logits.flatten(0, 1), targets.to(self.world.device).flatten())
 
-    def train_step(self, micro_batches: list[Batch]) -> StepResult:
-        """Accumulate gradients over the micro-batches (syncing on the last), clip, and step."""
+    def train_step(self, micro_batches: list[Batch], check: Callable[[float, float], None] | None = None) -> StepResult:
+        """Accumulate gradients over the micro-batches (syncing on the last), clip, and step.
+
+        Raises DivergenceError, without stepping, for a non-finite loss or grad norm, or when
+        `check(loss, grad_norm)` raises it.
+        """
         self.wrapped.train()
         loss_sum = torch.zeros((), device=self.world.device)
         for index, (inputs, targets) in enumerate(micro_batches):
@@ -80,14 +83,23 @@ class DDPEngine:
         loss = global_mean(loss_sum).item()
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
-        if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(grad_norm))):
+        try:
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise DivergenceError(f"non-finite loss {loss} or grad norm {grad_norm}")
+            if check is not None:
+                check(loss, grad_norm)
+        except DivergenceError:
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"loss {loss}, grad norm {grad_norm}")
+            raise
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr)
+        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, weight_norm=self.weight_norm())
+
+    def weight_norm(self) -> float:
+        """The 2-norm of all weights (the same on every rank)."""
+        return torch.nn.utils.get_total_norm(list(self.model.parameters())).item()
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> float:

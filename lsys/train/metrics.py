@@ -11,6 +11,7 @@ layer when causal; RAT: 4 * d_model * ((T/L + 1)/2 + 1) plus its scan), see
 
 import json
 import logging
+import os
 import resource
 import time
 from pathlib import Path
@@ -58,16 +59,25 @@ class Throughput:
 
 
 class MetricsLogger:
-    """Writes a line to the log, a record to `metrics.jsonl` and, if asked, TensorBoard scalars (rank 0 only)."""
+    """Writes a line to the log, a record to `metrics.jsonl` and, if asked, TensorBoard scalars (rank 0 only).
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool):
+    A session that resumes at `start_step` first drops the records of later steps, which the
+    previous session wrote after its last checkpoint and this one is about to replay, so that
+    every step appears once.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, start_step: int = 0):
         self.enabled = enabled
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        path = run_dir / "metrics.jsonl"
+        if enabled and path.exists():
+            _drop_records_after(path, start_step)
+        self.jsonl = open(path, "a") if enabled else None
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(run_dir / "tensorboard")
+            # purge_step hides the earlier session's events from start_step + 1 on, for the same reason.
+            self.writer = SummaryWriter(run_dir / "tensorboard", purge_step=start_step + 1 if start_step else None)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -85,6 +95,21 @@ class MetricsLogger:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Keep the records of steps up to `step` (and any line that does not parse), atomically."""
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] > step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass  # not ours to judge: keep it
+        kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def format_record(record: dict) -> str:

@@ -35,3 +35,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, max_steps
             step, max_steps=max_steps, warmup_steps=warmup_steps, min_lr_ratio=cfg.min_lr_ratio
         ),
     )
+
+
+def apply_optimizer_settings(
+    optimizer: torch.optim.AdamW, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: DictConfig
+) -> None:
+    """Put `cfg`'s lr, betas, eps and weight decay into a restored optimizer and schedule (resume_overrides=apply).
+
+    The schedule keeps its position (the restored step count) and takes the new peak lr; its
+    shape (warmup, minimum, length) is already this session's, as the scheduler is built from it.
+    """
+    decay_group, no_decay_group = optimizer.param_groups
+    decay_group["weight_decay"], no_decay_group["weight_decay"] = cfg.weight_decay, 0.0
+    for group in optimizer.param_groups:
+        group["betas"], group["eps"], group["initial_lr"] = tuple(cfg.betas), cfg.eps, cfg.lr
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    # Recompute the current lr of every group at the restored position from the new peak.
+    scheduler.last_epoch -= 1
+    scheduler.step()

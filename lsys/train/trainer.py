@@ -1,7 +1,9 @@
 """The training loop: validate, build, resume, then step, log, evaluate and checkpoint."""
 
 import logging
+import os
 import random
+import shlex
 import sys
 from contextlib import closing
 from itertools import islice
@@ -10,6 +12,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -19,11 +22,17 @@ from lsys.data import DataError, SequenceSlices, build_loaders, build_tokenizer
 from lsys.eval.needle import EvalError, NeedleGrid, check_grid, evaluate_needle
 from lsys.eval.report import mean_answer_loss
 from lsys.models import build_model
-from lsys.train.checkpoint import Checkpointer, CheckpointError, check_fits, rng_state, set_rng_state
-from lsys.train.engine import ENGINES, NonFiniteLossError
+from lsys.train.checkpoint import (
+    Checkpoint, Checkpointer, CheckpointError, check_fits, rng_state, set_rng_state, step_dir_name,
+)
+from lsys.train.engine import ENGINES
+from lsys.train.guard import DivergenceError, DivergenceGuard
+from lsys.train.memory import memory_problem
 from lsys.train.metrics import MetricsLogger, Throughput, device_peak_flops, peak_memory_bytes
-from lsys.train.optim import build_optimizer, build_scheduler
-from parallel import Mesh, World, barrier, init_distributed, init_mesh, shutdown
+from lsys.train.optim import apply_optimizer_settings, build_optimizer, build_scheduler
+from lsys.train.resume import compare_configs
+from lsys.train.run_lock import RunLock, RunLockedError, end_with_launcher
+from parallel import Mesh, World, barrier, broadcast_from_main, init_distributed, init_mesh, shutdown
 from parallel.mesh import mesh_problems
 
 log = logging.getLogger("lsys")
@@ -54,6 +63,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, cfg: DictConfig, world: World, mesh: Mesh):
         self.cfg, self.world, self.mesh = cfg, world, mesh
+        self.resolved_config = OmegaConf.to_container(cfg, resolve=True)
         self.run_dir = Path(cfg.run_dir)
         self.trainer_cfg = cfg.trainer
         self.checkpointer = Checkpointer(self.run_dir, world, keep=cfg.trainer.keep_checkpoints)
@@ -93,6 +103,11 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak_flops = device_peak_flops(world.device)
         self.needle_grid = self._needle_grid(model_cfg.max_seq_len)
+        tc = cfg.trainer
+        self.guard = DivergenceGuard(
+            spike_factor=tc.spike_factor, window=tc.spike_window, max_grad_norm=tc.max_grad_norm_abort,
+            max_weight_growth=tc.max_weight_growth,
+        )
         self.resumed_from = None
         if resume_from is not None:
             self._restore(resume_from)
@@ -152,6 +167,7 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         checkpoint = self.checkpointer.load(path)
+        apply_optimizer = self._check_changes(checkpoint)  # names a changed setting before its effects show below
         check_fits(checkpoint, self.model.state_dict())
         saved_world = checkpoint.trainer["world_size"]
         if saved_world != self.world.world_size or checkpoint.rank_state is None:
@@ -161,9 +177,33 @@ class Trainer:
             )
         self.train_loader.load_state_dict(checkpoint.rank_state["loader"])
         self.engine.load(checkpoint.model, checkpoint.optimizer, checkpoint.trainer["scheduler"])
+        if apply_optimizer:
+            apply_optimizer_settings(self.engine.optimizer, self.engine.scheduler, self.cfg.optim)
         set_rng_state(checkpoint.rank_state["rng"])
         self.step, self.tokens_seen = checkpoint.trainer["step"], checkpoint.trainer["tokens_seen"]
         self.resumed_from = path
+
+    def _check_changes(self, checkpoint: Checkpoint) -> bool:
+        """Refuse settings that would change what a resumed run trains; True when optimizer changes are to be applied."""
+        if checkpoint.config is None:
+            log.warning("checkpoint %s records no config (lsys before 0.2): resuming without comparing settings",
+                        checkpoint.path)
+            return False
+        changes = compare_configs(checkpoint.config, self.resolved_config)
+        problems = [
+            f"{change} would change what {checkpoint.path} was trained as; start a new run (another run_name) "
+            "or drop the override" for change in changes.refused
+        ]
+        if changes.optimizer and self.cfg.resume_overrides != "apply":
+            problems += [
+                f"{change} differs from {checkpoint.path}: pass resume_overrides=apply to apply it to the restored "
+                "optimizer and schedule, or drop the override" for change in changes.optimizer
+            ]
+        if problems:
+            raise ConfigError(problems)
+        for change in changes.free + changes.optimizer:
+            log.info("resume: applying %s", change)
+        return bool(changes.optimizer)
 
     def save(self) -> None:
         trainer_state = {
@@ -174,16 +214,33 @@ class Trainer:
         }
         rank_state = {"rng": rng_state(), "loader": self.train_loader.state_dict()}
         path = self.checkpointer.save(
-            self.step, self.engine.model_state(), self.engine.optimizer_state(), trainer_state, rank_state
+            self.step, self.engine.model_state(), self.engine.optimizer_state(), trainer_state, rank_state,
+            config=self.resolved_config,
         )
         log.info("saved %s", path)
+
+    def divergence_message(self, error: DivergenceError) -> str:
+        """What went wrong at the next step, and how to go on from the newest checkpoint (all of them precede it)."""
+        step = self.step + 1
+        lower_lr = f"{self.cfg.optim.lr / 10:g}"
+        latest = self.checkpointer.latest()
+        if latest is None:
+            advice = f"No checkpoint was written before it; start again with a lower lr, e.g. optim.lr={lower_lr}"
+        else:
+            advice = (
+                f"The newest checkpoint, written before it, is {latest}; resume from it with a lower lr:\n  "
+                + resume_command(latest, lower_lr)
+            )
+        return f"training stopped at step {step} ({error}); nothing was saved for this step. {advice}"
 
     def fit(self) -> None:
         tc = self.trainer_cfg
         if self.step >= tc.max_steps:
             log.info("run already complete: step %d of %d", self.step, tc.max_steps)
             return
-        metrics = MetricsLogger(self.run_dir, enabled=self.world.is_main, tensorboard=tc.tensorboard)
+        metrics = MetricsLogger(
+            self.run_dir, enabled=self.world.is_main, tensorboard=tc.tensorboard, start_step=self.step
+        )
         throughput = Throughput()
         batches = iter(self.train_loader)
         last_step = tc.max_steps if tc.stop_after_steps is None else min(tc.max_steps, self.step + tc.stop_after_steps)
@@ -191,17 +248,16 @@ class Trainer:
             total=tc.max_steps, initial=self.step, desc="train", unit="step", mininterval=1.0,
             disable=not (self.world.is_main and tc.progress_bar), dynamic_ncols=True,
         )
+        self.guard.check_weights(self.engine.weight_norm())  # the norm the first update is measured against
         with logging_redirect_tqdm(), progress, closing(metrics):
             while self.step < last_step:
                 throughput.start()
                 micro_batches = list(islice(batches, tc.grad_accum))
                 try:
-                    result = self.engine.train_step(micro_batches)
-                except NonFiniteLossError as error:
-                    raise NonFiniteLossError(
-                        f"non-finite training signal at step {self.step + 1} ({error}); nothing was saved for this "
-                        f"step. Lower optim.lr or check the data; the last good checkpoint is {self.checkpointer.latest()}"
-                    ) from None
+                    result = self.engine.train_step(micro_batches, check=self.guard.check_step)
+                    self.guard.check_weights(result.weight_norm)
+                except DivergenceError as error:
+                    raise DivergenceError(self.divergence_message(error)) from None
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
                 throughput.stop(self.tokens_per_step)
@@ -234,21 +290,70 @@ class Trainer:
                     self.save()
 
 
+def resume_command(checkpoint: Path, lr: str) -> str:
+    """The command line of this job, resuming from `checkpoint` with optimizer settings changed to `lr`."""
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not started through Hydra's command line
+        overrides = []
+    replaced = ("resume=", "optim.lr=", "resume_overrides=")
+    kept = [override for override in overrides if not override.startswith(replaced)]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if world_size == 1:
+        launcher = ["python"]
+    elif world_size == per_node:
+        launcher = ["torchrun", f"--nproc_per_node={per_node}"]
+    else:
+        launcher = ["torchrun", f"--nnodes={world_size // per_node}", f"--nproc_per_node={per_node}", "<rendezvous options>"]
+    arguments = [*kept, f"resume={checkpoint}", f"optim.lr={lr}", "resume_overrides=apply"]
+    return " ".join([*launcher, "launch/train.py", *map(shlex.quote, arguments)])
+
+
+def record_config(run_dir: Path, cfg: DictConfig, start_step: int) -> Path:
+    """Write this session's resolved config: config.yaml for a run's start, config-step-XXXXXXXX.yaml for a resume.
+
+    config.yaml is never rewritten once a checkpoint exists, so it always describes what ran first.
+    """
+    path = run_dir / ("config.yaml" if start_step == 0 else f"config-{step_dir_name(start_step)}.yaml")
+    OmegaConf.save(cfg, path, resolve=True)
+    return path
+
+
 def run(cfg: DictConfig) -> int:
-    """Train as configured; returns the process exit code (0 done, 1 failed at run time, 2 bad config)."""
+    """Train as configured; returns the process exit code (0 done, 1 failed at run time, 2 bad config or input).
+
+    Only rank 0 prints a start-up error; every rank returns the same code.
+    """
+    end_with_launcher()
     world = init_distributed(cfg.parallel.backend)
     setup_logging(world, run_dir=None)
+    lock = RunLock(cfg.run_dir)
     try:
         par = cfg.parallel
         problems = check_config(cfg) + mesh_problems(par.sp, par.sp_mode, par.ulysses, world.world_size)
         if problems:
             raise ConfigError(list(dict.fromkeys(problems)))
+        if not cfg.trainer.skip_memory_check:
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
+            problem = memory_problem(model_config(cfg), world.device, local_ranks)
+            if problem is not None:
+                raise ConfigError([problem])
         mesh = init_mesh(world, sp=par.sp, sp_mode=par.sp_mode, ulysses=par.ulysses, layout=par.layout)
         trainer = Trainer(cfg, world, mesh)
         run_dir = Path(cfg.run_dir)
+        # Rank 0 holds the run directory for the whole run; nothing is written before it does.
+        locked_by = None
         if world.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+            try:
+                lock.acquire()
+            except RunLockedError as error:
+                locked_by = str(error)
+        locked_by = broadcast_from_main(locked_by)
+        if locked_by is not None:
+            raise RunLockedError(locked_by)
+        if world.is_main:
+            record_config(run_dir, cfg, trainer.step)
         barrier()
         setup_logging(world, run_dir)
         log.info("run directory %s", run_dir.resolve())
@@ -262,9 +367,14 @@ def run(cfg: DictConfig) -> int:
             for problem in error.problems:
                 print(f"lsys: config error: {problem}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, NonFiniteLossError) as error:
+    except (DataError, RunLockedError) as error:
         if world.is_main:
             print(f"lsys: error: {error}", file=sys.stderr)
-        return 1 if not isinstance(error, DataError) else 2
+        return 2
+    except (CheckpointError, DivergenceError) as error:
+        if world.is_main:
+            print(f"lsys: error: {error}", file=sys.stderr)
+        return 1
     finally:
+        lock.release()
         shutdown()
