@@ -2,6 +2,7 @@
 divergence guard, metrics after a resume, and start-up refusals (memory, Hydra, torchrun)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -9,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from lsys.train.guard import DivergenceError, DivergenceGuard
 from lsys.train.metrics import MetricsLogger
@@ -178,8 +178,7 @@ def test_resume_refuses_changed_settings_unless_they_may_change(corpus: Path, tm
     records = read_metrics(run_dir)
     # The schedule stays where it was (step 3 of a 4-step cosine, warmup 0) and takes the new peak lr.
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert records[2]["lr"] == pytest.approx(5e-4 * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(2 / 4 * torch.pi)))),
-                                             rel=1e-6)
+    assert records[2]["lr"] == pytest.approx(5e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 4))), rel=1e-6)
     assert (run_dir / "config.yaml").read_text() == config  # what the first session ran, untouched
     assert "lr: 0.0005" in (run_dir / "config-step-00000002.yaml").read_text()
 
@@ -294,5 +293,6 @@ def test_a_start_up_error_under_torchrun_is_one_line_from_rank_0_and_exit_code_2
     assert [line for line in result.stderr.splitlines() if line.startswith("lsys:")] == [
         "lsys: error: data.path '/no/such/folder' does not exist"
     ]
-    assert "Traceback" not in result.stderr.split("torch.distributed.elastic")[0]  # no worker printed one
+    # The one traceback is torchrun's own report (ChildFailedError), which no worker can silence.
+    assert result.stderr.count("Traceback (most recent call last)") == 1 and "ChildFailedError" in result.stderr
     assert "exitcode  : 2" in result.stderr  # the code torchrun reports for the failed worker
