@@ -4,6 +4,7 @@
     python launch/bench.py mixers    one layer forward+backward per mixer, decode speed and cache size
     python launch/bench.py sp        bytes each sequence-parallel op sends, and its CPU time at sp = 1, 2, 4
     python launch/bench.py kernels   Triton kernels vs SDPA flash, flex_attention and the torch references (GPU)
+    python launch/bench.py memory    training state per rank under DDP and ZeRO-1/2/3, from the formulas
 """
 
 import argparse
@@ -25,12 +26,14 @@ from lsys.bench import (
     layer_seconds,
     machine_line,
     measure_training,
+    parameter_count,
     single_device_seconds,
     sp_measurements,
     training_table,
     write_section,
 )
 from lsys import kernel_bench
+from lsys.train.memory import training_state
 
 
 def bench_train(args: argparse.Namespace) -> tuple[str, str]:
@@ -174,9 +177,37 @@ def bench_kernels(args: argparse.Namespace) -> tuple[str, str]:
     return "Kernels: Triton against SDPA, flex_attention and the torch references", body
 
 
+def bench_memory(args: argparse.Namespace) -> tuple[str, str]:
+    setups = [("ddp", 0, "none"), ("deepspeed", 1, "none"), ("deepspeed", 2, "none"), ("deepspeed", 3, "none"),
+              ("deepspeed", 2, "optimizer"), ("deepspeed", 3, "optimizer_and_params")]
+    lines = [
+        "| model | setup | ranks | weights | gradients | optimizer state | on device | offloaded to host |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("rat_1b", "attn_1b"):
+        parameters = parameter_count(name)
+        for engine, stage, offload in setups:
+            setup = "DDP (bf16 autocast)" if engine == "ddp" else f"ZeRO-{stage}" + (f", offload {offload}" if offload != "none" else "")
+            for ranks in (8, 64):
+                state = training_state(parameters, engine=engine, zero_stage=stage, offload=offload,
+                                       world_size=ranks, bf16=True)
+                cells = [state.weights, state.gradients, state.optimizer, state.device_total, state.offloaded]
+                lines.append(f"| {name} | {setup} | {ranks} | " + " | ".join(f"{c / 2**30:.2f} GiB" for c in cells) + " |")
+    body = (
+        f"Written by `{args.command}` from the formulas of `lsys/train/memory.py` (which the start-up memory check "
+        "uses, and tests/test_deepspeed.py checks against what DeepSpeed allocates for tiny models): bytes one rank "
+        "holds for training state, GPU training in bf16. DDP keeps fp32 weights and gradients and AdamW's two "
+        "moments on every rank (16 bytes a parameter); DeepSpeed's bf16 keeps bf16 weights and gradients plus fp32 "
+        "master weights and moments (16 bytes a parameter before sharding), and ZeRO-1/2/3 shards the optimizer "
+        "state / also the gradients / also the weights over the ranks. Activations come on top.\n\n"
+        + "\n".join(lines)
+    )
+    return "Training state per rank: DDP and ZeRO", body
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["train", "mixers", "sp", "kernels"])
+    parser.add_argument("what", choices=["train", "mixers", "sp", "kernels", "memory"])
     parser.add_argument("--steps", type=int, default=60, help="train: steps per run")
     parser.add_argument("--d-model", type=int, default=256, help="mixers: model width")
     parser.add_argument("--n-heads", type=int, default=8, help="mixers: heads (>= 8 so that S2 covers the context)")
@@ -202,7 +233,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="train: Hydra overrides passed to every run")
     args = parser.parse_args()
     args.command = shlex.join(["python", "launch/bench.py", *sys.argv[1:]])
-    benches = {"train": bench_train, "mixers": bench_mixers, "sp": bench_sp, "kernels": bench_kernels}
+    benches = {
+        "train": bench_train, "mixers": bench_mixers, "sp": bench_sp, "kernels": bench_kernels, "memory": bench_memory,
+    }
     heading, body = benches[args.what](args)
     write_section(args.out, heading, body)
     print(body)

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from hydra import compose, initialize_config_dir
 
 import kernels
 import parallel
+from lsys.config import model_config
 from lsys.models import MIXERS, ModelConfig, build_model
 from parallel import SequenceLayout, comm_stats, reset_comm_stats
 from parallel.local_ranks import run_local_ranks
@@ -85,6 +87,13 @@ def write_section(path: Path, heading: str, body: str) -> None:
         kept.append(new)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(kept).rstrip() + "\n")
+
+
+def parameter_count(model: str) -> int:
+    """Parameters of conf/model/<model>.yaml, counted on the meta device (nothing allocated)."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={model}"])
+    return build_model(model_config(cfg), device="meta").num_params()
 
 
 # The mixers compared in docs/perf.md, with the options of their 1B configs.

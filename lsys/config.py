@@ -5,6 +5,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lsys.models import MIXERS, ModelConfig
+from lsys.train.deepspeed_config import settings_problems as deepspeed_settings_problems
 from lsys.train.engine import ENGINES
 from lsys.train.resume import RESUME_OVERRIDES
 from parallel.layout import LAYOUTS
@@ -112,6 +113,8 @@ def check_config(cfg: DictConfig) -> list[str]:
         problems.append(f"trainer.precision must be auto, fp32 or bf16, got {trainer.precision!r}")
     if cfg.parallel.engine not in ENGINES:
         problems.append(f"parallel.engine must be one of {sorted(ENGINES)}, got {cfg.parallel.engine!r}")
+    elif cfg.parallel.engine == "deepspeed":
+        problems += deepspeed_settings_problems(cfg)
     if optim.lr <= 0:
         problems.append(f"optim.lr must be positive, got {optim.lr}")
     if not 0 <= optim.warmup_fraction < 1:

@@ -1,5 +1,6 @@
 """Text generation: prefill each prompt into the model's caches, then decode the batch token by token."""
 
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from torch import Tensor
 from lsys.config import model_config
 from lsys.data import Tokenizer, build_tokenizer
 from lsys.models import LM, build_model
-from lsys.train.checkpoint import CheckpointError, latest_checkpoint, load_model_weights
+from lsys.train.checkpoint import MANIFEST, CheckpointError, config_of, latest_checkpoint, load_model_weights
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +86,19 @@ def generate(
 
 
 def load_for_generation(path: str | Path, device: str | torch.device = "cpu") -> tuple[LM, Tokenizer, int]:
-    """Model (eval mode), tokenizer and step from a checkpoint folder or a run directory (its newest checkpoint)."""
+    """Model (eval mode), tokenizer and step from a checkpoint or export folder, or a run directory (its newest)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if not path.name.startswith("step-"):
+    if not (path / MANIFEST).is_file() and not path.name.startswith("step-"):  # a run directory
         latest = latest_checkpoint(path)
         if latest is None:
             raise CheckpointError(f"{path} holds no complete checkpoint (step-XXXXXXXX folder)")
         path = latest
-    config_file = path.parent / "config.yaml"
-    if not config_file.is_file():
-        raise CheckpointError(f"no config.yaml beside checkpoint {path}: it is not inside an lsys run directory")
-    cfg = OmegaConf.load(config_file)
+    cfg = OmegaConf.create(config_of(path))
     model = build_model(model_config(cfg), device)
     model.load_state_dict(load_model_weights(path, model.state_dict()))
-    step = int(path.name.split("-")[1])
+    step = json.loads((path / MANIFEST).read_text())["step"]
     log.info("loaded %s (%s, step %d)", path, cfg.model.name, step)
     return model.eval(), build_tokenizer(cfg.data.tokenizer), step
 

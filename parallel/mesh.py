@@ -1,5 +1,6 @@
 """Process groups: start the default group from torchrun's environment, or run as one process."""
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -21,8 +22,12 @@ class World:
         return self.rank == 0
 
 
-def init_distributed(backend: str = "auto") -> World:
-    """Join the job torchrun started (env:// rendezvous) or describe a lone process; nccl on GPU, gloo on CPU."""
+def init_distributed(backend: str = "auto", timeout_s: float | None = None) -> World:
+    """Join the job torchrun started (env:// rendezvous) or describe a lone process; nccl on GPU, gloo on CPU.
+
+    `timeout_s` bounds every collective: a rank that died or hangs ends the job with a timeout error
+    instead of leaving the others waiting (None: torch's default, 10 minutes).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -34,8 +39,40 @@ def init_distributed(backend: str = "auto") -> World:
     if world_size > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
+        dist.init_process_group(
+            backend=backend, store=_restart_store(rank, world_size, timeout), rank=rank, world_size=world_size,
+            device_id=device if device.type == "cuda" else None, timeout=timeout,
+        )
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+# What gloo's errors say when a collective timed out or lost its peer: it raises plain RuntimeErrors.
+_COLLECTIVE_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer")
+
+
+def collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that timed out or lost a rank (as opposed to a bug in the caller)."""
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(mark in str(error) for mark in _COLLECTIVE_FAILURES)
+    )
+
+
+def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta | None) -> dist.Store | None:
+    """After torchrun restarted the group (--max-restarts): its store, with a key space of this attempt's own.
+
+    torchrun keeps the store of the first attempt, so the new ranks would read the dead ranks'
+    addresses and fail to connect. None on a first attempt: init_process_group's own env:// store.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0:
+        return None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=not agent_store and rank == 0,
+        timeout=timeout or datetime.timedelta(minutes=10),
+    )
+    return dist.PrefixStore(f"lsys/attempt-{attempt}", store)
 
 
 def barrier() -> None:

@@ -5,38 +5,52 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lsys.models import ModelConfig, build_model
-from lsys.train.checkpoint import Checkpointer, CheckpointError, check_fits, rng_state, set_rng_state
+from lsys.train.checkpoint import Checkpointer, CheckpointError, load_model_weights, rng_state, set_rng_state
+from lsys.train.engine import DDPEngine
+from lsys.train.guard import DivergenceGuard
 from parallel import World
 
 WORLD = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+RUN = OmegaConf.create({
+    "optim": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "grad_clip": 1.0,
+              "warmup_fraction": 0.0, "min_lr_ratio": 0.1},
+    "trainer": {"precision": "fp32"},
+})
+OPEN_GUARD = DivergenceGuard(spike_factor=None, window=1, max_grad_norm=None, max_weight_growth=None)
+SMALL = ModelConfig(d_model=32, n_heads=2, n_layers=1, ffn_dim=64)
 
 
-def save_steps(checkpointer: Checkpointer, steps: list[int]) -> dict:
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 4)).sum().backward()
-    optimizer.step()
+def trained_engine(cfg: ModelConfig = SMALL) -> DDPEngine:
+    engine = DDPEngine(build_model(cfg), RUN, world=WORLD, max_steps=10)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    engine.train_step([(tokens[:, :-1], tokens[:, 1:])], OPEN_GUARD)
+    return engine
+
+
+def save_steps(checkpointer: Checkpointer, steps: list[int]) -> DDPEngine:
+    engine = trained_engine()
     for step in steps:
-        checkpointer.save(
-            step, model.state_dict(), optimizer.state_dict(), {"step": step}, {"rng": rng_state(), "loader": {"position": step}}
-        )
-    return model.state_dict()
-
-
+        trainer_state = {"step": step, "scheduler": engine.scheduler.state_dict()}
+        checkpointer.save(step, engine, trainer_state, {"rng": rng_state(), "loader": {"position": step}})
+    return engine
 
 
 def test_save_load_round_trip_and_pruning(tmp_path: Path):
     checkpointer = Checkpointer(tmp_path, WORLD, keep=2)
-    state = save_steps(checkpointer, [1, 2, 3])
+    saved = save_steps(checkpointer, [1, 2, 3])
     assert [p.name for p in checkpointer.complete_checkpoints()] == ["step-00000002", "step-00000003"]
     loaded = checkpointer.load(checkpointer.latest())
-    assert loaded.trainer == {"step": 3}
+    assert loaded.trainer["step"] == 3
     assert loaded.rank_state["loader"] == {"position": 3}
-    for name, tensor in state.items():
-        assert torch.equal(loaded.model[name], tensor)
-    assert loaded.optimizer["state"][0]["step"] == 1
+    fresh = DDPEngine(build_model(SMALL), RUN, world=WORLD, max_steps=10)
+    fresh.load(loaded.path, loaded.trainer["scheduler"])
+    for name, tensor in saved.model.state_dict().items():
+        assert torch.equal(fresh.model.state_dict()[name], tensor)
+    assert fresh.optimizer.state_dict()["state"][0]["step"] == 1
+    assert fresh.scheduler.last_epoch == saved.scheduler.last_epoch == 1
     assert sorted(p.name for p in (tmp_path / "step-00000003").iterdir()) == [
         "COMPLETE", "model.safetensors", "optimizer.pt", "rank-00000.pt", "trainer.json",
     ]
@@ -80,15 +94,16 @@ def test_manifest_lists_checksums(tmp_path: Path):
 
 
 def test_mismatched_model_is_refused_before_loading(tmp_path: Path):
-    small = build_model(ModelConfig(d_model=32, n_heads=2, n_layers=1, ffn_dim=64))
     checkpointer = Checkpointer(tmp_path, WORLD, keep=1)
-    optimizer = torch.optim.AdamW(small.parameters())
-    checkpointer.save(1, small.state_dict(), optimizer.state_dict(), {"step": 1}, {})
-    bigger = build_model(ModelConfig(d_model=64, n_heads=2, n_layers=1, ffn_dim=64))
-    before = {k: v.clone() for k, v in bigger.state_dict().items()}
+    checkpointer.save(1, trained_engine(), {"step": 1}, {})
+    bigger = DDPEngine(build_model(ModelConfig(d_model=64, n_heads=2, n_layers=1, ffn_dim=64)), RUN, world=WORLD,
+                       max_steps=10)
+    before = {k: v.clone() for k, v in bigger.model.state_dict().items()}
     with pytest.raises(CheckpointError, match="does not match the model config"):
-        check_fits(checkpointer.load(tmp_path / "step-00000001"), bigger.state_dict())
-    assert all(torch.equal(before[k], v) for k, v in bigger.state_dict().items())
+        bigger.load(checkpointer.load(tmp_path / "step-00000001").path, {})
+    with pytest.raises(CheckpointError, match="does not match the model config"):
+        load_model_weights(tmp_path / "step-00000001", bigger.model.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in bigger.model.state_dict().items())
 
 
 def test_rng_state_round_trip():

@@ -330,8 +330,8 @@ def test_launch_eval_needle_writes_the_report_of_a_trained_run(corpus: Path, tmp
     png = out_dir / "heatmap.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # A run whose config no longer matches its weights is refused, and nothing more is written.
-    config = run_dir / "config.yaml"
+    # A checkpoint whose config no longer matches its weights is refused, and nothing more is written.
+    config = run_dir / "step-00000002" / "config.yaml"  # the checkpoint's own, which loading reads first
     config.write_text(config.read_text().replace("d_model: 64", "d_model: 96"))
     mismatched = run_eval([f"ckpt={run_dir}", "eval.lengths=[128]", f"out_dir={tmp_path / 'mismatched'}"], tmp_path)
     assert mismatched.returncode == 2
@@ -340,9 +340,10 @@ def test_launch_eval_needle_writes_the_report_of_a_trained_run(corpus: Path, tmp
     pixels = matplotlib.image.imread(png)
     assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 300
 
-    # A checkpoint whose run config names another model shape is refused, with exit code 2.
+    # A checkpoint without a config of its own (lsys before 0.2) is read with its run directory's.
     mismatched = tmp_path / "mismatched"
     shutil.copytree(run_dir, mismatched)
+    (mismatched / "step-00000002" / "config.yaml").unlink()
     config = OmegaConf.load(mismatched / "config.yaml")
     config.model.d_model = 96
     OmegaConf.save(config, mismatched / "config.yaml")

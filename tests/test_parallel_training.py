@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from lsys.config import model_config
 from lsys.models import build_model
 from lsys.train.engine import DDPEngine
-from lsys.train.optim import build_optimizer, build_scheduler
+from lsys.train.guard import DivergenceGuard
 from parallel import World, init_mesh
 from parallel.mesh import shutdown
 from tests.conftest import CONF_DIR, REPO, TINY, read_metrics, run_train
@@ -39,15 +39,12 @@ def global_batches(dp: int) -> list[torch.Tensor]:
 def train_losses(cfg, world: World, rows: slice, positions: torch.Tensor, dp: int) -> list[float]:
     """Five AdamW steps through the DDP engine on this rank's rows and token positions of fixed batches."""
     torch.manual_seed(0)
-    model = build_model(model_config(cfg))
-    optimizer = build_optimizer(model, cfg.optim)
-    engine = DDPEngine(
-        model, optimizer, build_scheduler(optimizer, cfg.optim, STEPS), world=world, grad_clip=1.0, precision="fp32"
-    )
+    engine = DDPEngine(build_model(model_config(cfg)), cfg, world=world, max_steps=STEPS)
+    guard = DivergenceGuard(spike_factor=None, window=1, max_grad_norm=None, max_weight_growth=None)
     losses = []
     for batch in global_batches(dp):
         inputs, targets = batch[rows, :-1], batch[rows, 1:]
-        losses.append(engine.train_step([(inputs[:, positions], targets[:, positions])]).loss)
+        losses.append(engine.train_step([(inputs[:, positions], targets[:, positions])], guard).loss)
     return losses
 
 

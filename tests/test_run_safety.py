@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def test_the_lock_is_exclusive_between_processes(tmp_path: Path):
     lock.acquire()
     try:
         probe = subprocess.run(
-            ["python", "-c", "import sys; from lsys.train.run_lock import RunLock; RunLock(sys.argv[1]).acquire()",
+            [sys.executable, "-c", "import sys; from lsys.train.run_lock import RunLock; RunLock(sys.argv[1]).acquire()",
              str(tmp_path / "run")],
             capture_output=True, text=True, env=ENV,
         )
@@ -114,7 +115,7 @@ def test_a_worker_ends_when_its_launcher_is_killed(tmp_path: Path):
         f"subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True); time.sleep(60)"
     )
     env = {**ENV, "TORCHELASTIC_RUN_ID": "test"}
-    parent = subprocess.Popen(["python", "-c", launcher], env=env, stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", launcher], env=env, stdout=subprocess.PIPE, text=True)
     worker = int(parent.stdout.readline())
     assert alive(worker)
     parent.kill()
@@ -189,18 +190,24 @@ def test_resume_refuses_changed_settings_unless_they_may_change(corpus: Path, tm
 def test_guard_stops_spikes_big_gradients_and_exploding_weights():
     guard = DivergenceGuard(spike_factor=3.0, window=4, max_grad_norm=100.0, max_weight_growth=2.0)
     for loss in (5.0, 4.0, 3.0, 2.5):
-        guard.check_step(loss, grad_norm=1.0)
+        guard.check_loss(loss)
     with pytest.raises(DivergenceError, match=r"loss 11 is 3.14 times the median of the last 4 steps \(3\.5\)"):
-        guard.check_step(11.0, grad_norm=1.0)
-    guard.check_step(10.0, grad_norm=1.0)  # under 3 x 3.5
+        guard.check_loss(11.0)
+    guard.check_loss(10.0)  # under 3 x 3.5
+    with pytest.raises(DivergenceError, match="non-finite loss nan"):
+        guard.check_loss(float("nan"))
+    guard.check_grad_norm(100.0)
     with pytest.raises(DivergenceError, match="grad norm 101 is above trainer.max_grad_norm_abort"):
-        guard.check_step(2.0, grad_norm=101.0)
+        guard.check_grad_norm(101.0)
+    with pytest.raises(DivergenceError, match="non-finite grad norm inf"):
+        guard.check_grad_norm(float("inf"))
     guard.check_weights(10.0)
     guard.check_weights(19.0)
     with pytest.raises(DivergenceError, match="weights' norm from 19 to 40"):
         guard.check_weights(40.0)
     off = DivergenceGuard(spike_factor=None, window=1, max_grad_norm=None, max_weight_growth=2.0)
-    off.check_step(1e9, grad_norm=1e9)  # those tests are off
+    off.check_loss(1e9)  # those tests are off
+    off.check_grad_norm(1e9)
     off.check_weights(1.0)
     with pytest.raises(DivergenceError):
         off.check_weights(float("nan"))
@@ -296,3 +303,34 @@ def test_a_start_up_error_under_torchrun_is_one_line_from_rank_0_and_exit_code_2
     # The one traceback is torchrun's own report (ChildFailedError), which no worker can silence.
     assert result.stderr.count("Traceback (most recent call last)") == 1 and "ChildFailedError" in result.stderr
     assert "exitcode  : 2" in result.stderr  # the code torchrun reports for the failed worker
+
+
+def _hang_worker(rank: int, world_size: int, port: int, out_file: str) -> None:
+    import torch.distributed as dist
+
+    from parallel import init_distributed
+    from parallel.mesh import collective_failure
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    init_distributed("gloo", timeout_s=2)
+    if rank == 1:
+        time.sleep(8)  # a rank that hangs: it never joins the all-reduce
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        dist.all_reduce(__import__("torch").ones(1))
+    except RuntimeError as error:
+        result = {"seconds": time.monotonic() - start, "reported": collective_failure(error)}
+        Path(out_file).write_text(json.dumps(result))
+    os._exit(0)
+
+
+def test_a_hanging_rank_ends_the_others_collective_after_parallel_timeout_s(tmp_path: Path):
+    import torch.multiprocessing as mp
+
+    from parallel.local_ranks import _free_port
+
+    out = tmp_path / "out.json"
+    mp.start_processes(_hang_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn")
+    result = json.loads(out.read_text())
+    assert 1.5 < result["seconds"] < 6 and result["reported"], result  # lsys.train.trainer.run reports it as such

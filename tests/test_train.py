@@ -95,7 +95,7 @@ BAD_INPUTS = {
     "heads do not divide d_model": (["model.n_heads=3"], "must be a multiple of model.n_heads (3)"),
     "unknown mixer": (["model.layers=[rat,mamba]"], "unknown mixer 'mamba'"),
     "bad precision": (["trainer.precision=fp8"], "trainer.precision must be auto, fp32 or bf16"),
-    "unknown engine": (["parallel.engine=fsdp"], "parallel.engine must be one of ['ddp']"),
+    "unknown engine": (["parallel.engine=fsdp"], "parallel.engine must be one of ['ddp', 'deepspeed']"),
     "chunk size not positive": (["model.mixer_options.rat.chunk_size=0"], "chunk_size must be positive, got 0"),
     "window not positive": (["model=rat_swa_tiny", "model.mixer_options.local.window=0"], "window must be positive, got 0"),
     "S2 block below 16": (["model=s2_tiny", "model.mixer_options.s2.block_size=8"], "block_size must be at least 16, got 8"),

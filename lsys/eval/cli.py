@@ -30,7 +30,7 @@ def run(cfg: DictConfig) -> int:
     """
     logging.basicConfig(level=logging.INFO, format="[lsys] %(message)s")
     par = cfg.parallel
-    world = init_distributed(par.backend)
+    world = init_distributed(par.backend, par.timeout_s)
     try:
         problems = mesh_problems(par.sp, par.sp_mode, par.ulysses, world.world_size)
         if problems:

@@ -1,17 +1,19 @@
 """Checkpoints: one folder per step, written atomically, verified before anything is loaded.
 
 Layout of `run_dir/step-00000100/`:
-    model.safetensors     model weights (rank 0)
-    optimizer.pt          optimizer state (rank 0; loaded with weights_only=True)
-    trainer.json          step, tokens seen, scheduler state, world size
+    model.safetensors, optimizer.pt    the ddp engine's weights and optimizer state (rank 0), or
+    zero/...                           the deepspeed engine's files, each rank its own shard
+    trainer.json          step, tokens seen, scheduler state, world size, engine
     config.yaml           the resolved config of the session that wrote it (compared on resume)
     rank-00000.pt ...     each rank's RNG states and data-loader position (weights_only)
     COMPLETE              manifest: every file's size and sha256, written last
 
-A save goes to `.step-00000100.tmp`, gets its manifest, and is renamed into place, so
-a process killed mid-save leaves the previous checkpoints untouched and a `.tmp`
-folder that `latest()` ignores. A load checks the manifest, reads everything into
-memory and checks the model's keys and shapes before the caller applies any of it.
+A save goes to `.step-00000100.tmp`: every rank writes its part (the engine's files and its own
+rank state), then every rank hashes a share of all the files, rank 0 writes the manifest and
+renames the folder into place. So a process killed mid-save leaves the previous checkpoints
+untouched and a `.tmp` folder that `latest()` ignores, and nothing counts as saved until every
+rank has written. A load checks the manifest (the ranks share the hashing again) before the
+caller applies anything; the engine checks its own files against the model.
 """
 
 import hashlib
@@ -23,11 +25,13 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from parallel import World, barrier
 
@@ -44,11 +48,13 @@ class CheckpointError(RuntimeError):
 @dataclass
 class Checkpoint:
     path: Path
-    model: dict[str, torch.Tensor]
-    optimizer: dict
     trainer: dict
     rank_state: dict | None  # this rank's {"rng": ..., "loader": ...}; None if the rank did not exist
     config: dict | None = None  # the resolved config it was trained with; None for checkpoints from before lsys kept it
+
+
+class SavesEngineState(Protocol):
+    def save(self, folder: Path) -> None: ...
 
 
 def step_dir_name(step: int) -> str:
@@ -117,8 +123,7 @@ class Checkpointer:
         return latest_checkpoint(self.run_dir)
 
     def save(
-        self, step: int, model_state: dict, optimizer_state: dict, trainer_state: dict, rank_state: dict,
-        config: dict | None = None,
+        self, step: int, engine: SavesEngineState, trainer_state: dict, rank_state: dict, config: dict | None = None
     ) -> Path:
         """Write a checkpoint collectively (every rank calls this, with its own `rank_state`); keep the newest `keep`."""
         final = self.run_dir / step_dir_name(step)
@@ -128,19 +133,15 @@ class Checkpointer:
                 shutil.rmtree(stale)  # left by a save that was killed
             tmp.mkdir(parents=True)
         barrier()
+        engine.save(tmp)
         torch.save(rank_state, tmp / f"rank-{self.world.rank:05d}.pt")
         if self.world.is_main:
-            save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
-            torch.save(optimizer_state, tmp / "optimizer.pt")
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
             if config is not None:
                 OmegaConf.save(OmegaConf.create(config), tmp / "config.yaml")
         barrier()
+        files = self._hash_shared(tmp)
         if self.world.is_main:
-            files = {}
-            for path in sorted(tmp.iterdir()):
-                _fsync(path)
-                files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
             (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
             _fsync(tmp / MANIFEST)
             if final.exists():
@@ -152,8 +153,25 @@ class Checkpointer:
         barrier()
         return final
 
+    def _hash_shared(self, folder: Path) -> dict[str, dict]:
+        """Size and sha256 of every file under `folder` (synced to disk), each rank hashing its share."""
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        mine = {}
+        for path in files[self.world.rank :: self.world.world_size]:
+            _fsync(path)
+            mine[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        return dict(sorted(self._merge_from_all_ranks(mine).items()))
+
+    def _merge_from_all_ranks(self, part: dict) -> dict:
+        """The union of every rank's dict (this one's alone when the checkpointer's world is one process)."""
+        if self.world.world_size == 1:
+            return part
+        parts: list[dict] = [{} for _ in range(self.world.world_size)]
+        dist.all_gather_object(parts, part)
+        return {key: value for each in parts for key, value in each.items()}
+
     def load(self, path: Path) -> Checkpoint:
-        """Read and verify a checkpoint; raises CheckpointError, never returns a partial one."""
+        """Read and verify a checkpoint (every rank calls this); raises CheckpointError, never returns a partial one."""
         path = Path(path)
         manifest_path = path / MANIFEST
         if not path.is_dir():
@@ -164,50 +182,64 @@ class Checkpointer:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as error:
             raise CheckpointError(f"checkpoint {path}: unreadable manifest ({error})") from None
-        for name, expected in manifest["files"].items():
+        problems = []
+        for name, expected in sorted(manifest["files"].items())[self.world.rank :: self.world.world_size]:
             file = path / name
             if not file.is_file():
-                raise CheckpointError(f"checkpoint {path} is corrupt: {name} is missing")
-            if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
-                raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum")
+                problems.append(f"checkpoint {path} is corrupt: {name} is missing")
+            elif file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+                problems.append(f"checkpoint {path} is corrupt: {name} does not match its checksum")
+        problems = sorted(self._merge_from_all_ranks({problem: None for problem in problems}))
+        if problems:
+            raise CheckpointError(problems[0])
         try:
             trainer = json.loads((path / "trainer.json").read_text())
-            model = load_file(path / "model.safetensors")
-            optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
             rank_file = path / f"rank-{self.world.rank:05d}.pt"
             rank_state = torch.load(rank_file, weights_only=True) if rank_file.is_file() else None
             config_file = path / "config.yaml"
             config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
         except Exception as error:  # any reader failure means the files are not what we wrote
             raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from None
-        return Checkpoint(
-            path=path, model=model, optimizer=optimizer, trainer=trainer, rank_state=rank_state, config=config
-        )
+        return Checkpoint(path=path, trainer=trainer, rank_state=rank_state, config=config)
+
+
+def config_of(path: Path) -> dict:
+    """The resolved config of a checkpoint or export folder: its own config.yaml, else its run directory's."""
+    path = Path(path)
+    for candidate in (path / "config.yaml", path.parent / "config.yaml"):
+        if candidate.is_file():
+            return OmegaConf.to_container(OmegaConf.load(candidate))
+    raise CheckpointError(f"no config.yaml in or beside checkpoint {path}: it is not inside an lsys run directory")
 
 
 def load_model_weights(path: Path, model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Only the weights of a complete checkpoint, checksum-verified and checked against `model_state`."""
+    """Only the weights of a complete checkpoint or an export, checksum-verified and checked against `model_state`."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete or missing (no {MANIFEST} manifest)")
-    expected = json.loads(manifest_path.read_text())["files"]["model.safetensors"]
+    expected = json.loads(manifest_path.read_text())["files"].get("model.safetensors")
+    if expected is None:
+        raise CheckpointError(
+            f"checkpoint {path} holds sharded weights (DeepSpeed ZeRO); turn it into one file first: "
+            f"python launch/export.py ckpt={path} out=<folder>"
+        )
     weights_file = path / "model.safetensors"
     if not weights_file.is_file() or _sha256(weights_file) != expected["sha256"]:
         raise CheckpointError(f"checkpoint {path} is corrupt: model.safetensors does not match its checksum")
     weights = load_file(weights_file)
-    check_fits(Checkpoint(path=path, model=weights, optimizer={}, trainer={}, rank_state=None), model_state)
+    check_fits(path, weights, model_state)
     return weights
 
 
-def check_fits(checkpoint: Checkpoint, model_state: dict[str, torch.Tensor]) -> None:
-    """Raise CheckpointError unless the checkpoint's weights have exactly the model's names and shapes."""
-    missing = sorted(set(model_state) - set(checkpoint.model))
-    unexpected = sorted(set(checkpoint.model) - set(model_state))
+def check_fits(path: Path, weights: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError unless `weights` (read from `path`) have exactly the model's names and shapes."""
+    missing = sorted(set(model_state) - set(weights))
+    unexpected = sorted(set(weights) - set(model_state))
     wrong_shape = [
-        f"{name} {tuple(checkpoint.model[name].shape)} vs {tuple(tensor.shape)}"
+        f"{name} {tuple(weights[name].shape)} vs {tuple(tensor.shape)}"
         for name, tensor in model_state.items()
-        if name in checkpoint.model and checkpoint.model[name].shape != tensor.shape
+        if name in weights and weights[name].shape != tensor.shape
     ]
     if missing or unexpected or wrong_shape:
         details = "; ".join(
@@ -219,4 +251,4 @@ def check_fits(checkpoint: Checkpoint, model_state: dict[str, torch.Tensor]) -> 
             )
             if part
         )
-        raise CheckpointError(f"checkpoint {checkpoint.path} does not match the model config: {details}")
+        raise CheckpointError(f"checkpoint {path} does not match the model config: {details}")

@@ -1,25 +1,35 @@
-"""Engines run forward, backward and the optimizer step; DDP here, DeepSpeed ZeRO plugs in beside it.
+"""Engines run forward, backward and the optimizer step: DDP here, DeepSpeed ZeRO in deepspeed_engine.py.
 
-An engine owns the wrapped model, optimizer and schedule, and exposes
-`train_step(micro_batches) -> StepResult`, `evaluate(batches) -> float`, and the
-state it saves: `model_state()`, `optimizer_state()`, `load(model_state, optimizer_state, scheduler_state)`.
+An engine is built from the model and the run's config. It wraps the model, then builds the
+optimizer and schedule (after wrapping: ZeRO owns its optimizer), and exposes
+    train_step(micro_batches, guard) -> StepResult     evaluate(batches) -> float     weight_norm()
+    save(folder) and load(folder, scheduler_state)     (every rank calls them, for checkpoints)
+    full_weights()     a context in which `model` holds every weight (evaluation outside the engine)
+    model, autocast, optimizer, scheduler
 """
 
-import math
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+import importlib
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lsys.train.guard import DivergenceError
+from lsys.train.checkpoint import CheckpointError, check_fits
+from lsys.train.guard import DivergenceError, DivergenceGuard
+from lsys.train.optim import build_optimizer, build_scheduler
 from parallel import World
 
 Batch = tuple[Tensor, Tensor]
+# parallel.engine -> the module and class that implement it (DeepSpeed is imported only when chosen).
+ENGINES = {"ddp": ("lsys.train.engine", "DDPEngine"), "deepspeed": ("lsys.train.deepspeed_engine", "DeepSpeedEngine")}
 
 
 @dataclass
@@ -28,6 +38,12 @@ class StepResult:
     grad_norm: float
     lr: float
     weight_norm: float  # of all weights after the update
+
+
+def build_engine(model: nn.Module, cfg: DictConfig, *, world: World, max_steps: int):
+    """The engine `cfg.parallel.engine` names, around `model`."""
+    module, name = ENGINES[cfg.parallel.engine]
+    return getattr(importlib.import_module(module), name)(model, cfg, world=world, max_steps=max_steps)
 
 
 def global_mean(value: Tensor) -> Tensor:
@@ -39,44 +55,46 @@ def global_mean(value: Tensor) -> Tensor:
     return value
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 for precision bf16, or auto on GPU; fp32 otherwise."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast_for(device: torch.device, precision: str) -> AbstractContextManager:
+    """bf16 autocast when `uses_bf16`, else none."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, precision) else nullcontext()
+
+
+def language_model_loss(model: nn.Module, batch: Batch, device: torch.device, autocast) -> Tensor:
+    """Mean next-token cross-entropy of one micro-batch (every window is full)."""
+    inputs, targets = batch
+    with autocast:
+        logits = model(inputs.to(device, non_blocking=True))
+    return F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten())
+
+
 class DDPEngine:
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        *,
-        world: World,
-        grad_clip: float,
-        precision: str,
-    ):
-        self.model = model
+    def __init__(self, model: nn.Module, cfg: DictConfig, *, world: World, max_steps: int):
+        self.model, self.world = model, world
         self.wrapped = DistributedDataParallel(model) if world.world_size > 1 else model
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.world, self.grad_clip = world, grad_clip
-        use_bf16 = precision == "bf16" or (precision == "auto" and world.device.type == "cuda")
-        self.autocast = (
-            torch.autocast(world.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-        )
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, max_steps)
+        self.grad_clip = cfg.optim.grad_clip
+        self.autocast = autocast_for(world.device, cfg.trainer.precision)
 
-    def _loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        with self.autocast:
-            logits = self.wrapped(inputs.to(self.world.device, non_blocking=True))
-        return F.cross_entropy(logits.flatten(0, 1), targets.to(self.world.device).flatten())
-
-    def train_step(self, micro_batches: list[Batch], check: Callable[[float, float], None] | None = None) -> StepResult:
+    def train_step(self, micro_batches: list[Batch], guard: DivergenceGuard) -> StepResult:
         """Accumulate gradients over the micro-batches (syncing on the last), clip, and step.
 
-        Raises DivergenceError, without stepping, for a non-finite loss or grad norm, or when
-        `check(loss, grad_norm)` raises it.
+        The guard sees the loss and the gradient norm before the step is applied; when it
+        raises DivergenceError, the gradients are dropped and nothing changes.
         """
         self.wrapped.train()
         loss_sum = torch.zeros((), device=self.world.device)
-        for index, (inputs, targets) in enumerate(micro_batches):
+        for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             sync = nullcontext() if last or self.wrapped is self.model else self.wrapped.no_sync()
             with sync:
-                loss = self._loss(inputs, targets) / len(micro_batches)
+                loss = language_model_loss(self.wrapped, batch, self.world.device, self.autocast) / len(micro_batches)
                 loss.backward()
             loss_sum += loss.detach()
         # Every window is full, so the mean of per-rank means is the mean over all target tokens.
@@ -84,10 +102,8 @@ class DDPEngine:
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
         try:
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise DivergenceError(f"non-finite loss {loss} or grad norm {grad_norm}")
-            if check is not None:
-                check(loss, grad_norm)
+            guard.check_loss(loss)
+            guard.check_grad_norm(grad_norm)
         except DivergenceError:
             self.optimizer.zero_grad(set_to_none=True)
             raise
@@ -97,28 +113,46 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, weight_norm=self.weight_norm())
 
-    def weight_norm(self) -> float:
-        """The 2-norm of all weights (the same on every rank)."""
-        return torch.nn.utils.get_total_norm(list(self.model.parameters())).item()
-
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> float:
         """Mean loss over the batches, averaged over ranks."""
         self.wrapped.eval()
-        losses = [self._loss(inputs, targets) for inputs, targets in batches]
+        losses = [language_model_loss(self.wrapped, batch, self.world.device, self.autocast) for batch in batches]
         return global_mean(torch.stack(losses).mean()).item()
 
-    def model_state(self) -> dict[str, Tensor]:
-        return self.model.state_dict()
+    def weight_norm(self) -> float:
+        """The 2-norm of all weights (the same on every rank)."""
+        return torch.nn.utils.get_total_norm(list(self.model.parameters())).item()
 
-    def optimizer_state(self) -> dict:
-        return self.optimizer.state_dict()
+    def full_weights(self) -> AbstractContextManager:
+        return nullcontext()  # every rank holds all weights
 
-    def load(self, model_state: dict[str, Tensor], optimizer_state: dict, scheduler_state: dict) -> None:
-        self.model.load_state_dict(model_state)
+    def save(self, folder: Path) -> None:
+        """Rank 0 writes model.safetensors and optimizer.pt (every rank holds the same)."""
+        if self.world.is_main:
+            weights = {name: tensor.detach().contiguous().cpu() for name, tensor in self.model.state_dict().items()}
+            save_file(weights, folder / "model.safetensors")
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load(self, folder: Path, scheduler_state: dict) -> None:
+        """Weights (checked against the model before any is applied), optimizer and schedule from `folder`."""
+        weights = load_weights(folder, self.model.state_dict())
+        if not (folder / "optimizer.pt").is_file():
+            raise CheckpointError(f"checkpoint {folder} has no optimizer.pt: it was not written by the ddp engine")
+        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+        self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(scheduler_state)
 
 
-# `parallel.engine` picks one; DeepSpeed ZeRO joins here with the same interface.
-ENGINES = {"ddp": DDPEngine}
+def load_weights(folder: Path, model_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """model.safetensors of a (verified) checkpoint or export folder, checked against `model_state`."""
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} has no model.safetensors (a DeepSpeed checkpoint? turn it into one with "
+            f"python launch/export.py ckpt={folder} out=<folder>)"
+        )
+    weights = load_file(path)
+    check_fits(folder, weights, model_state)
+    return weights

@@ -1,13 +1,16 @@
 """Stop a diverging run before the bad step is applied or saved.
 
-The engine refuses a non-finite loss or gradient norm itself. Besides, before a step is
-applied, its loss (the same on every rank, as is the grad norm, so every rank decides alike)
-must stay under `spike_factor` times the median of the last `window` steps and the grad norm
-under `max_grad_norm` (when set). After it is applied, the weights' norm may grow at most
-`max_weight_growth` times in the step: an update that blows the weights up (lr 1e6) can leave
-the loss finite, even unchanged, and would otherwise be saved as the last good checkpoint.
+Each step's loss must be finite and stay under `spike_factor` times the median of the last
+`window` steps; its gradient norm must be finite and under `max_grad_norm` (when set). Both
+are the same on every rank, so every rank decides alike. After the update, the weights' norm
+may grow at most `max_weight_growth` times in the step: an update that blows the weights up
+(lr 1e6) can leave the loss finite, even unchanged, and would otherwise be saved as the last
+good checkpoint. The engines check the loss and gradient norm before applying a step where
+they can (DDP); DeepSpeed knows the gradient norm only once its step is applied, so there a
+bad gradient norm stops the run before that step is saved.
 """
 
+import math
 import statistics
 from collections import deque
 
@@ -24,12 +27,10 @@ class DivergenceGuard:
         self.recent_losses: deque[float] = deque(maxlen=window)
         self.weight_norm: float | None = None
 
-    def check_step(self, loss: float, grad_norm: float) -> None:
-        """Raise DivergenceError unless this step (finite, as the engine checked) may be applied; then remember its loss."""
-        if self.max_grad_norm is not None and grad_norm > self.max_grad_norm:
-            raise DivergenceError(
-                f"grad norm {grad_norm:.4g} is above trainer.max_grad_norm_abort ({self.max_grad_norm:g})"
-            )
+    def check_loss(self, loss: float) -> None:
+        """Raise DivergenceError for a non-finite or spiking loss; remember it otherwise."""
+        if not math.isfinite(loss):
+            raise DivergenceError(f"non-finite loss {loss}")
         if self.spike_factor is not None and self.recent_losses:
             median = statistics.median(self.recent_losses)
             if loss > self.spike_factor * median:
@@ -38,6 +39,15 @@ class DivergenceGuard:
                     f"steps ({median:.4g}), above trainer.spike_factor ({self.spike_factor:g})"
                 )
         self.recent_losses.append(loss)
+
+    def check_grad_norm(self, grad_norm: float) -> None:
+        """Raise DivergenceError for a non-finite gradient norm or one above trainer.max_grad_norm_abort."""
+        if not math.isfinite(grad_norm):
+            raise DivergenceError(f"non-finite grad norm {grad_norm}")
+        if self.max_grad_norm is not None and grad_norm > self.max_grad_norm:
+            raise DivergenceError(
+                f"grad norm {grad_norm:.4g} is above trainer.max_grad_norm_abort ({self.max_grad_norm:g})"
+            )
 
     def check_weights(self, weight_norm: float) -> None:
         """Raise DivergenceError if the weights' norm grew too much since the last call; remember it."""

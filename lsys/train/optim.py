@@ -7,15 +7,18 @@ from omegaconf import DictConfig
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
-    """AdamW; norms and biases (parameters under 2-D) get no weight decay."""
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices with weight decay; norms and biases (parameters under 2-D) without."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=False)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
+    """AdamW over `parameter_groups`."""
+    return torch.optim.AdamW(
+        parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=False
+    )
 
 
 def cosine_with_warmup(step: int, *, max_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:

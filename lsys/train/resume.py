@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 # Dotted keys (or prefixes) a session may change on resume.
 FREE = (
-    "run_name", "run_dir", "resume", "resume_overrides", "parallel.backend",
+    "run_name", "run_dir", "resume", "resume_overrides", "parallel.backend", "parallel.timeout_s",
     "trainer.max_steps", "trainer.stop_after_steps", "trainer.log_every", "trainer.eval_every",
     "trainer.eval_batches", "trainer.eval_needle_every", "trainer.needle", "trainer.checkpoint_every",
     "trainer.keep_checkpoints", "trainer.progress_bar", "trainer.tensorboard", "trainer.spike_factor",

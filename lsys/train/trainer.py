@@ -22,18 +22,17 @@ from lsys.data import DataError, SequenceSlices, build_loaders, build_tokenizer
 from lsys.eval.needle import EvalError, NeedleGrid, check_grid, evaluate_needle
 from lsys.eval.report import mean_answer_loss
 from lsys.models import build_model
-from lsys.train.checkpoint import (
-    Checkpoint, Checkpointer, CheckpointError, check_fits, rng_state, set_rng_state, step_dir_name,
-)
-from lsys.train.engine import ENGINES
+from lsys.train.checkpoint import Checkpoint, Checkpointer, CheckpointError, rng_state, set_rng_state, step_dir_name
+from lsys.train.deepspeed_config import DeepSpeedConfigError, deepspeed_config
+from lsys.train.engine import build_engine, uses_bf16
 from lsys.train.guard import DivergenceError, DivergenceGuard
 from lsys.train.memory import memory_problem
 from lsys.train.metrics import MetricsLogger, Throughput, device_peak_flops, peak_memory_bytes
-from lsys.train.optim import apply_optimizer_settings, build_optimizer, build_scheduler
+from lsys.train.optim import apply_optimizer_settings
 from lsys.train.resume import compare_configs
 from lsys.train.run_lock import RunLock, RunLockedError, end_with_launcher
 from parallel import Mesh, World, barrier, broadcast_from_main, init_distributed, init_mesh, shutdown
-from parallel.mesh import mesh_problems
+from parallel.mesh import collective_failure, mesh_problems
 
 log = logging.getLogger("lsys")
 
@@ -92,11 +91,7 @@ class Trainer:
 
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.model = build_model(model_cfg, world.device)
-        optimizer = build_optimizer(self.model, cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
-        self.engine = ENGINES[cfg.parallel.engine](
-            self.model, optimizer, scheduler, world=world, grad_clip=cfg.optim.grad_clip, precision=cfg.trainer.precision
-        )
+        self.engine = build_engine(self.model, cfg, world=world, max_steps=cfg.trainer.max_steps)
         self.step, self.tokens_seen = 0, 0
         # Every dp replica reads micro_batch_size x grad_accum windows a step; its sp ranks share them.
         self.tokens_per_step = cfg.data.seq_len * cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * mesh.dp
@@ -129,7 +124,7 @@ class Trainer:
     @torch.no_grad()
     def needle_scores(self) -> dict[str, float]:
         """Mean accuracy (and answer loss, teacher-forced) on the training-time needle grid; every rank takes part."""
-        with self.engine.autocast:
+        with self.engine.autocast, self.engine.full_weights():
             results = evaluate_needle(self.model, self.tokenizer, self.needle_grid, progress=False)
         scores = {"needle_accuracy": sum(result.correct for result in results) / len(results)}
         if self.needle_grid.scoring == "teacher_forced":
@@ -168,7 +163,6 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         checkpoint = self.checkpointer.load(path)
         apply_optimizer = self._check_changes(checkpoint)  # names a changed setting before its effects show below
-        check_fits(checkpoint, self.model.state_dict())
         saved_world = checkpoint.trainer["world_size"]
         if saved_world != self.world.world_size or checkpoint.rank_state is None:
             raise CheckpointError(
@@ -176,7 +170,7 @@ class Trainer:
                 f"resume with --nproc_per_node={saved_world} (changing the world size on resume is not supported)"
             )
         self.train_loader.load_state_dict(checkpoint.rank_state["loader"])
-        self.engine.load(checkpoint.model, checkpoint.optimizer, checkpoint.trainer["scheduler"])
+        self.engine.load(path, checkpoint.trainer["scheduler"])
         if apply_optimizer:
             apply_optimizer_settings(self.engine.optimizer, self.engine.scheduler, self.cfg.optim)
         set_rng_state(checkpoint.rank_state["rng"])
@@ -210,13 +204,11 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "world_size": self.world.world_size,
+            "engine": self.cfg.parallel.engine,
             "scheduler": self.engine.scheduler.state_dict(),
         }
         rank_state = {"rng": rng_state(), "loader": self.train_loader.state_dict()}
-        path = self.checkpointer.save(
-            self.step, self.engine.model_state(), self.engine.optimizer_state(), trainer_state, rank_state,
-            config=self.resolved_config,
-        )
+        path = self.checkpointer.save(self.step, self.engine, trainer_state, rank_state, config=self.resolved_config)
         log.info("saved %s", path)
 
     def divergence_message(self, error: DivergenceError) -> str:
@@ -254,7 +246,7 @@ class Trainer:
                 throughput.start()
                 micro_batches = list(islice(batches, tc.grad_accum))
                 try:
-                    result = self.engine.train_step(micro_batches, check=self.guard.check_step)
+                    result = self.engine.train_step(micro_batches, self.guard)
                     self.guard.check_weights(result.weight_norm)
                 except DivergenceError as error:
                     raise DivergenceError(self.divergence_message(error)) from None
@@ -326,7 +318,7 @@ def run(cfg: DictConfig) -> int:
     Only rank 0 prints a start-up error; every rank returns the same code.
     """
     end_with_launcher()
-    world = init_distributed(cfg.parallel.backend)
+    world = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     setup_logging(world, run_dir=None)
     lock = RunLock(cfg.run_dir)
     try:
@@ -334,9 +326,17 @@ def run(cfg: DictConfig) -> int:
         problems = check_config(cfg) + mesh_problems(par.sp, par.sp_mode, par.ulysses, world.world_size)
         if problems:
             raise ConfigError(list(dict.fromkeys(problems)))
+        if par.engine == "deepspeed":  # the batch size it checks needs the world size, known only now
+            try:
+                deepspeed_config(cfg, world.world_size, bf16=uses_bf16(world.device, cfg.trainer.precision))
+            except DeepSpeedConfigError as error:
+                raise ConfigError(error.problems) from None
         if not cfg.trainer.skip_memory_check:
-            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
-            problem = memory_problem(model_config(cfg), world.device, local_ranks)
+            problem = memory_problem(
+                model_config(cfg), world.device, engine=par.engine, zero_stage=par.zero_stage, offload=par.offload,
+                world_size=world.world_size, local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size)),
+                bf16=uses_bf16(world.device, cfg.trainer.precision),
+            )
             if problem is not None:
                 raise ConfigError([problem])
         mesh = init_mesh(world, sp=par.sp, sp_mode=par.sp_mode, ulysses=par.ulysses, layout=par.layout)
@@ -374,6 +374,16 @@ def run(cfg: DictConfig) -> int:
     except (CheckpointError, DivergenceError) as error:
         if world.is_main:
             print(f"lsys: error: {error}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        if not collective_failure(error):
+            raise
+        # Every rank that sees it says so: the one that died or hangs may be rank 0.
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(
+            f"lsys: error: rank {world.rank}: a collective failed (parallel.timeout_s={cfg.parallel.timeout_s}); "
+            f"another rank died or hangs: {first_line}", file=sys.stderr,
+        )
         return 1
     finally:
         lock.release()

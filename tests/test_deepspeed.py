@@ -1,0 +1,262 @@
+"""The DeepSpeed ZeRO engine on CPU (DeepSpeed's CPU accelerator, real `deepspeed.initialize` on gloo):
+the same training as DDP at every stage and over dp x sp, sharded checkpoints that resume exactly,
+export to one safetensors file, the memory formulas against what DeepSpeed allocates, and bad input.
+
+Tolerance: fp32 losses and gradient norms of ZeRO 0-3 equal DDP's to 1e-5 relative over 20 steps
+(the same sums reduced in another order); resumed runs equal straight ones bitwise.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from lsys.config import model_config
+from lsys.generate import load_for_generation
+from lsys.models import build_model
+from lsys.train.checkpoint import Checkpointer
+from lsys.train.engine import build_engine
+from lsys.train.export import export_checkpoint
+from lsys.train.guard import DivergenceGuard
+from lsys.train.memory import training_state
+from parallel import World, init_mesh
+from parallel.local_ranks import run_local_ranks
+from parallel.mesh import shutdown
+from tests.conftest import CONF_DIR, TINY, read_metrics, run_train, train_command
+
+RTOL = 1e-5
+STEPS, MICRO_BATCH, SEQ_LEN = 20, 2, 32
+OPEN_GUARD = dict(spike_factor=None, window=1, max_grad_norm=None, max_weight_growth=None)
+SETUPS = {
+    "ddp": [],
+    "zero0": ["parallel.engine=deepspeed", "parallel.zero_stage=0"],
+    "zero1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
+    "zero2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
+    "zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
+}
+
+
+def compose_config(overrides: list[str], model: str = "rat_tiny"):
+    base = [f"model={model}", "model.d_model=64", "model.n_layers=2", "model.ffn_dim=128", f"data.seq_len={SEQ_LEN}",
+            f"trainer.micro_batch_size={MICRO_BATCH}", "optim.warmup_fraction=0"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[*base, *overrides])
+
+
+def fixed_batches(rows: int, seq_len: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 257, (rows, seq_len + 1), generator=generator) for _ in range(STEPS)]
+
+
+def held_bytes(engine, model) -> dict[str, float]:
+    """What this rank really holds: weights (ZeRO-3: its shards), and the optimizer state: AdamW's moments
+    plus the fp32 master partition ZeRO keeps (read from DeepSpeed's optimizer, under its own names)."""
+    weights = sum(p.ds_tensor.nbytes if hasattr(p, "ds_tensor") else p.nbytes for p in model.parameters())
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the AdamW it was given
+    optimizer = sum(t.nbytes for state in base.state.values() for t in state.values() if torch.is_tensor(t) and t.dim())
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
+        optimizer += sum(t.nbytes for t in getattr(engine.optimizer, name, []))
+    return {"weights": weights, "optimizer": optimizer}
+
+
+def _stages_worker(rank: int, world_size: int, out_file: str, export_dir: str) -> None:
+    os.environ["LOCAL_RANK"] = str(rank)
+    world = World(rank, world_size, rank, torch.device("cpu"))
+    rows = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
+    results = {}
+    for name, overrides in SETUPS.items():
+        cfg = compose_config(overrides)
+        torch.manual_seed(0)
+        model = build_model(model_config(cfg))
+        engine = build_engine(model, cfg, world=world, max_steps=STEPS)
+        guard = DivergenceGuard(**OPEN_GUARD)
+        steps = [engine.train_step([(batch[rows, :-1], batch[rows, 1:])], guard)
+                 for batch in fixed_batches(world_size * MICRO_BATCH, SEQ_LEN)]
+        results[name] = {
+            "loss": [step.loss for step in steps], "grad_norm": [step.grad_norm for step in steps],
+            "weight_norm": steps[-1].weight_norm, "held": held_bytes(engine, model), "parameters": model.num_params(),
+        }
+        if name == "zero3":  # the hardest case for export: every weight sharded
+            tokens = torch.randint(0, 257, (1, SEQ_LEN), generator=torch.Generator().manual_seed(3))
+            with torch.no_grad(), engine.full_weights():
+                results["live_logits"] = model(tokens).tolist()
+            checkpointer = Checkpointer(Path(export_dir) / "run", world, keep=1)
+            saved = checkpointer.save(STEPS, engine, {"step": STEPS, "scheduler": engine.scheduler.state_dict()},
+                                      {}, config={"model": dict(cfg.model), "data": dict(cfg.data)})
+            if rank == 0:
+                export_checkpoint(saved, Path(export_dir) / "export")
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(results))
+
+
+@pytest.mark.slow
+def test_zero_stages_train_like_ddp_and_export_what_they_trained(tmp_path: Path):
+    out = tmp_path / "results.json"
+    run_local_ranks(_stages_worker, 2, str(out), str(tmp_path))
+    results = json.loads(out.read_text())
+    ddp = results["ddp"]
+    assert len(set(ddp["loss"])) == STEPS  # the losses move, so equality means something
+    for name in ("zero0", "zero1", "zero2", "zero3"):
+        torch.testing.assert_close(results[name]["loss"], ddp["loss"], rtol=RTOL, atol=0, msg=name)
+        torch.testing.assert_close(results[name]["grad_norm"], ddp["grad_norm"], rtol=RTOL, atol=0, msg=name)
+        assert results[name]["weight_norm"] == pytest.approx(ddp["weight_norm"], rel=RTOL), name
+
+    # What each rank holds, against the formulas of lsys.train.memory (fp32, 2 ranks), within 5%.
+    parameters = ddp["parameters"]
+    for name, stage in (("ddp", 0), ("zero1", 1), ("zero2", 2), ("zero3", 3)):
+        expected = training_state(parameters, engine="ddp" if name == "ddp" else "deepspeed", zero_stage=stage,
+                                  offload="none", world_size=2, bf16=False)
+        held = results[name]["held"]
+        assert held["weights"] == pytest.approx(expected.weights, rel=0.05), name
+        assert held["optimizer"] == pytest.approx(expected.optimizer, rel=0.05), name
+
+    # The export of the ZeRO-3 checkpoint is one safetensors file giving the live model's logits.
+    model, _, step = load_for_generation(tmp_path / "export")
+    tokens = torch.randint(0, 257, (1, SEQ_LEN), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), torch.tensor(results["live_logits"]), rtol=1e-5, atol=1e-6)
+    assert step == STEPS and sorted(p.name for p in (tmp_path / "export").iterdir()) == [
+        "COMPLETE", "config.yaml", "model.safetensors"
+    ]
+
+
+def files_data(corpus: Path) -> list[str]:
+    return ["data=files", f"data.path={corpus}"]
+
+
+@pytest.mark.slow
+def test_a_zero_run_killed_and_resumed_gives_the_losses_of_one_that_never_stopped(corpus: Path, tmp_path: Path):
+    common = [*files_data(corpus), *TINY, "parallel.engine=deepspeed", "parallel.zero_stage=2", "trainer.max_steps=8",
+              "trainer.checkpoint_every=4", "trainer.eval_every=4"]
+    straight = run_train([*common, f"run_dir={tmp_path / 'straight'}"], cwd=tmp_path, nproc=2)
+    assert straight.returncode == 0, straight.stderr
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(train_command([*common, f"run_dir={run_dir}", "trainer.max_steps=8"], nproc=2),
+                           cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not ((run_dir / "step-00000004" / "COMPLETE").is_file() and len(read_metrics(run_dir)) >= 5):
+        assert job.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # launcher and workers at once, mid-run, past the step-4 checkpoint
+    job.wait()
+    shards = sorted(p.name for p in (run_dir / "step-00000004" / "zero").iterdir())
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
+    resumed = run_train([*common, f"run_dir={run_dir}"], cwd=tmp_path, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = read_metrics(tmp_path / "straight"), read_metrics(run_dir)
+    assert [r["step"] for r in got] == list(range(1, 9))
+    for key in ("loss", "val_loss", "grad_norm", "lr"):
+        assert [r.get(key) for r in got] == [r.get(key) for r in expected], key
+
+
+BAD_DEEPSPEED = {
+    "unknown zero stage": (["parallel.zero_stage=4"], "parallel.zero_stage must be one of (0, 1, 2, 3), got 4"),
+    "params offload without stage 3": (["parallel.offload=optimizer_and_params"],
+                                       "parallel.offload=optimizer_and_params needs parallel.zero_stage=3"),
+    "missing json": (["parallel.deepspeed_config=/no/such.json"], "parallel.deepspeed_config '/no/such.json' does not exist"),
+    "json that does not parse": (["parallel.deepspeed_config={tmp}/bad.json"], "is not valid JSON"),
+    "json batch size against the trainer's": (
+        ["parallel.deepspeed_config={tmp}/batch.json"],
+        "parallel.deepspeed_config sets train_batch_size = 999, but trainer.micro_batch_size x trainer.grad_accum x "
+        "world size gives 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DEEPSPEED))
+def test_bad_deepspeed_settings_fail_in_one_line_and_write_nothing(case: str, tmp_path: Path):
+    (tmp_path / "bad.json").write_text("{ not json")
+    (tmp_path / "batch.json").write_text(json.dumps({"train_batch_size": 999, "zero_optimization": {"overlap_comm": True}}))
+    overrides, expected = BAD_DEEPSPEED[case]
+    run_dir = tmp_path / "run"
+    result = run_train([*TINY, "parallel.engine=deepspeed", *[o.format(tmp=tmp_path) for o in overrides],
+                        f"run_dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("lsys:")]
+    assert len(lines) == 1 and lines[0].startswith("lsys: config error: ") and expected in lines[0], result.stderr
+    assert not run_dir.exists()
+
+
+def test_export_refuses_a_folder_that_is_not_a_complete_checkpoint(tmp_path: Path):
+    (tmp_path / "step-00000003").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(CONF_DIR.parent / "launch/export.py"), f"ckpt={tmp_path / 'step-00000003'}",
+         f"out={tmp_path / 'out'}"], capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"lsys: error: checkpoint {tmp_path / 'step-00000003'} is incomplete (no COMPLETE manifest): its save was "
+        "interrupted"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def node_command(node_rank: int, port: int, overrides: list[str]) -> list[str]:
+    """One 'node' of a two-node job on this machine: 2 ranks each, node ranks 0 and 1, rendezvous on 127.0.0.1."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", f"--node_rank={node_rank}",
+        "--master_addr=127.0.0.1", f"--master_port={port}", str(CONF_DIR.parent / "launch/train.py"), *overrides,
+    ]
+
+
+def run_two_nodes(overrides: list[str], cwd: Path) -> None:
+    from parallel.local_ranks import _free_port
+
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(node_command(rank, port, overrides), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output
+
+
+@pytest.mark.slow
+def test_two_nodes_train_zero2_over_dp_and_sp_checkpoint_stop_and_resume(corpus: Path, tmp_path: Path):
+    common = [*files_data(corpus), *TINY, "parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.sp=2",
+              "trainer.max_steps=4", "trainer.checkpoint_every=2"]
+    run_two_nodes([*common, f"run_dir={tmp_path / 'straight'}"], tmp_path)
+    split = tmp_path / "split"
+    run_two_nodes([*common, f"run_dir={split}", "trainer.stop_after_steps=2"], tmp_path)
+    assert [r["step"] for r in read_metrics(split)] == [1, 2]
+    run_two_nodes([*common, f"run_dir={split}"], tmp_path)
+    expected, got = read_metrics(tmp_path / "straight"), read_metrics(split)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]
+    assert "dp 2 x sp 2" in (split / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_never_killed(corpus: Path, tmp_path: Path):
+    from tests.test_run_safety import children_of
+
+    common = [*files_data(corpus), *TINY, "parallel.engine=deepspeed", "parallel.zero_stage=1", "trainer.max_steps=8",
+              "trainer.checkpoint_every=4"]
+    straight = run_train([*common, f"run_dir={tmp_path / 'straight'}"], cwd=tmp_path, nproc=2)
+    assert straight.returncode == 0, straight.stderr
+    run_dir = tmp_path / "restarted"
+    command = train_command([*common, f"run_dir={run_dir}"], nproc=2)
+    command.insert(command.index("--standalone"), "--max-restarts=1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    deadline = time.monotonic() + 240
+    while not ((run_dir / "step-00000004" / "COMPLETE").is_file() and len(read_metrics(run_dir)) >= 5):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before a worker was killed"
+        time.sleep(0.05)
+    os.kill(max(children_of(launcher.pid)), signal.SIGKILL)  # one worker, mid-run
+    output = launcher.communicate(timeout=600)[0]
+    assert launcher.returncode == 0, output
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    expected, got = read_metrics(tmp_path / "straight"), read_metrics(run_dir)
+    assert [r["step"] for r in got] == list(range(1, 9))
+    assert got[-1]["loss"] == expected[-1]["loss"]
