@@ -40,11 +40,12 @@ SETUPS = {
     "zero1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
     "zero2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
     "zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
+    "zero2_offload": ["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.offload=optimizer"],
 }
 
 
-def compose_config(overrides: list[str], model: str = "rat_tiny"):
-    base = [f"model={model}", "model.d_model=64", "model.n_layers=2", "model.ffn_dim=128", f"data.seq_len={SEQ_LEN}",
+def compose_config(overrides: list[str], model: str = "rat_tiny", seq_len: int = SEQ_LEN):
+    base = [f"model={model}", "model.d_model=64", "model.n_layers=2", "model.ffn_dim=128", f"data.seq_len={seq_len}",
             f"trainer.micro_batch_size={MICRO_BATCH}", "optim.warmup_fraction=0"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=[*base, *overrides])
@@ -82,6 +83,7 @@ def _stages_worker(rank: int, world_size: int, out_file: str, export_dir: str) -
         results[name] = {
             "loss": [step.loss for step in steps], "grad_norm": [step.grad_norm for step in steps],
             "weight_norm": steps[-1].weight_norm, "held": held_bytes(engine, model), "parameters": model.num_params(),
+            "optimizer_class": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
         }
         if name == "zero3":  # the hardest case for export: every weight sharded
             tokens = torch.randint(0, 257, (1, SEQ_LEN), generator=torch.Generator().manual_seed(3))
@@ -103,11 +105,12 @@ def test_zero_stages_train_like_ddp_and_export_what_they_trained(tmp_path: Path)
     results = json.loads(out.read_text())
     ddp = results["ddp"]
     assert len(set(ddp["loss"])) == STEPS  # the losses move, so equality means something
-    for name in ("zero0", "zero1", "zero2", "zero3"):
+    for name in ("zero0", "zero1", "zero2", "zero3", "zero2_offload"):  # offload: DeepSpeed's CPU Adam, AdamW mode
         torch.testing.assert_close(results[name]["loss"], ddp["loss"], rtol=RTOL, atol=0, msg=name)
         torch.testing.assert_close(results[name]["grad_norm"], ddp["grad_norm"], rtol=RTOL, atol=0, msg=name)
         assert results[name]["weight_norm"] == pytest.approx(ddp["weight_norm"], rel=RTOL), name
 
+    assert results["zero2_offload"]["optimizer_class"] == "DeepSpeedCPUAdam"
     # What each rank holds, against the formulas of lsys.train.memory (fp32, 2 ranks), within 5%.
     parameters = ddp["parameters"]
     for name, stage in (("ddp", 0), ("zero1", 1), ("zero2", 2), ("zero3", 3)):
@@ -260,3 +263,71 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_never_killed(c
     expected, got = read_metrics(tmp_path / "straight"), read_metrics(run_dir)
     assert [r["step"] for r in got] == list(range(1, 9))
     assert got[-1]["loss"] == expected[-1]["loss"]
+
+
+SP_STEPS, SP_SEQ_LEN = 5, 64  # zigzag over sp=2 cuts 64 tokens into pieces of one RAT chunk (16)
+
+
+def sp_losses(cfg, world: World, rows: slice, positions: torch.Tensor) -> list[float]:
+    torch.manual_seed(0)
+    engine = build_engine(build_model(model_config(cfg)), cfg, world=world, max_steps=SP_STEPS)
+    guard = DivergenceGuard(**OPEN_GUARD)
+    return [engine.train_step([(batch[rows, :-1][:, positions], batch[rows, 1:][:, positions])], guard).loss
+            for batch in fixed_batches(2 * MICRO_BATCH, SP_SEQ_LEN)[:SP_STEPS]]
+
+
+def _dp_sp_worker(rank: int, world_size: int, out_file: str) -> None:
+    os.environ["LOCAL_RANK"] = str(rank)
+    world = World(rank, world_size, rank, torch.device("cpu"))
+    results = {}
+    for stage in (2, 3):
+        cfg = compose_config(["parallel.engine=deepspeed", f"parallel.zero_stage={stage}", "parallel.sp=2"],
+                             seq_len=SP_SEQ_LEN)
+        mesh = init_mesh(world, sp=2, sp_mode="ring", layout=cfg.parallel.layout)
+        rows = slice(mesh.dp_rank * MICRO_BATCH, (mesh.dp_rank + 1) * MICRO_BATCH)
+        results[stage] = sp_losses(cfg, world, rows, mesh.layout.positions(mesh.sp_rank, SP_SEQ_LEN))
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(results))
+
+
+@pytest.mark.slow
+def test_zero2_and_zero3_over_dp2_by_sp2_train_like_one_process(tmp_path: Path):
+    out = tmp_path / "losses.json"
+    run_local_ranks(_dp_sp_worker, 4, str(out))
+    results = json.loads(out.read_text())
+    world = World(0, 1, 0, torch.device("cpu"))
+    init_mesh(world)
+    expected = sp_losses(compose_config([], seq_len=SP_SEQ_LEN), world, slice(None), torch.arange(SP_SEQ_LEN))  # DDP
+    shutdown()
+    assert len(set(expected)) == SP_STEPS
+    for stage in ("2", "3"):
+        torch.testing.assert_close(results[stage], expected, rtol=2e-5, atol=0, msg=f"ZeRO-{stage}")
+
+
+@pytest.mark.slow
+def test_a_zero_checkpoint_continues_on_another_world_size_from_its_weights_only_when_asked(corpus: Path,
+                                                                                           tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from lsys.train.export import consolidated_weights
+
+    run_dir = tmp_path / "run"
+    zero = [*files_data(corpus), *TINY, "parallel.engine=deepspeed", "parallel.zero_stage=2", "trainer.max_steps=4",
+            "trainer.checkpoint_every=4", f"run_dir={run_dir}"]
+    first = run_train(zero, cwd=tmp_path, nproc=2)
+    assert first.returncode == 0, first.stderr
+    one_process = [*files_data(corpus), *TINY, "trainer.max_steps=5", "trainer.checkpoint_every=5", f"run_dir={run_dir}"]
+    refused = run_train(one_process, cwd=tmp_path)
+    assert refused.returncode == 1
+    assert "was written by 2 ranks, this job has 1: resume with --nproc_per_node=2, or pass resume_weights_only=true" \
+        in refused.stderr
+    # With an lr of nothing, the one step it takes leaves the weights as they came: those of the shards.
+    continued = run_train([*one_process, "resume_weights_only=true", "optim.lr=1e-12", "resume_overrides=apply"],
+                          cwd=tmp_path)
+    assert continued.returncode == 0, continued.stderr
+    assert "with a fresh optimizer and data order" in continued.stderr
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
+    sharded = consolidated_weights(run_dir / "step-00000004")
+    saved = load_file(run_dir / "step-00000005" / "model.safetensors")
+    for name, tensor in sharded.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-9, msg=name)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 # Dotted keys (or prefixes) a session may change on resume.
 FREE = (
-    "run_name", "run_dir", "resume", "resume_overrides", "parallel.backend", "parallel.timeout_s",
+    "run_name", "run_dir", "resume", "resume_overrides", "resume_weights_only", "parallel.backend", "parallel.timeout_s",
     "trainer.max_steps", "trainer.stop_after_steps", "trainer.log_every", "trainer.eval_every",
     "trainer.eval_batches", "trainer.eval_needle_every", "trainer.needle", "trainer.checkpoint_every",
     "trainer.keep_checkpoints", "trainer.progress_bar", "trainer.tensorboard", "trainer.spike_factor",
@@ -46,8 +46,14 @@ def _matches(key: str, rules: tuple[str, ...]) -> bool:
     return any(key == rule or key.startswith(f"{rule}.") for rule in rules)
 
 
-def compare_configs(saved: dict, current: dict) -> ConfigChanges:
+# How a run is spread over ranks: free when a session starts from a checkpoint's weights alone.
+ENGINE = ("parallel.engine", "parallel.zero_stage", "parallel.offload", "parallel.deepspeed_config", "parallel.sp",
+          "parallel.sp_mode", "parallel.ulysses", "parallel.layout")
+
+
+def compare_configs(saved: dict, current: dict, *, engine_may_change: bool = False) -> ConfigChanges:
     """The settings that differ between the resolved config a checkpoint recorded and this session's."""
+    free = FREE + (ENGINE if engine_may_change else ())
     old, new = flatten(saved), flatten(current)
     changes = ConfigChanges()
     for key in sorted(old.keys() | new.keys()):
@@ -55,7 +61,7 @@ def compare_configs(saved: dict, current: dict) -> ConfigChanges:
         if before == after:
             continue
         line = f"{key}: {before} -> {after}"
-        if _matches(key, FREE):
+        if _matches(key, free):
             changes.free.append(line)
         elif _matches(key, OPTIMIZER):
             changes.optimizer.append(line)

@@ -22,9 +22,12 @@ from lsys.data import DataError, SequenceSlices, build_loaders, build_tokenizer
 from lsys.eval.needle import EvalError, NeedleGrid, check_grid, evaluate_needle
 from lsys.eval.report import mean_answer_loss
 from lsys.models import build_model
-from lsys.train.checkpoint import Checkpoint, Checkpointer, CheckpointError, rng_state, set_rng_state, step_dir_name
+from lsys.train.checkpoint import (
+    Checkpoint, Checkpointer, CheckpointError, check_fits, rng_state, set_rng_state, step_dir_name,
+)
 from lsys.train.deepspeed_config import DeepSpeedConfigError, deepspeed_config
 from lsys.train.engine import build_engine, uses_bf16
+from lsys.train.export import consolidated_weights
 from lsys.train.guard import DivergenceError, DivergenceGuard
 from lsys.train.memory import memory_problem
 from lsys.train.metrics import MetricsLogger, Throughput, device_peak_flops, peak_memory_bytes
@@ -91,11 +94,20 @@ class Trainer:
 
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.model = build_model(model_cfg, world.device)
+        # Counted before the engine, which under ZeRO-3 leaves each rank only its shards.
+        self.num_params = (self.model.num_params(), self.model.num_params(exclude_embedding=True))
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        checkpoint = self.checkpointer.load(resume_from) if resume_from is not None else None
+        weights_only = checkpoint is not None and self._weights_only(checkpoint)
+        if weights_only:  # into the model before the engine copies it (ZeRO keeps fp32 masters of its own)
+            self._check_changes(checkpoint, engine_may_change=True)
+            weights = consolidated_weights(checkpoint.path)
+            check_fits(checkpoint.path, weights, self.model.state_dict())
+            self.model.load_state_dict(weights)
         self.engine = build_engine(self.model, cfg, world=world, max_steps=cfg.trainer.max_steps)
         self.step, self.tokens_seen = 0, 0
         # Every dp replica reads micro_batch_size x grad_accum windows a step; its sp ranks share them.
         self.tokens_per_step = cfg.data.seq_len * cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * mesh.dp
-        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak_flops = device_peak_flops(world.device)
         self.needle_grid = self._needle_grid(model_cfg.max_seq_len)
         tc = cfg.trainer
@@ -104,8 +116,10 @@ class Trainer:
             max_weight_growth=tc.max_weight_growth,
         )
         self.resumed_from = None
-        if resume_from is not None:
-            self._restore(resume_from)
+        if weights_only:
+            self._continue_from_weights(checkpoint)
+        elif checkpoint is not None:
+            self._restore(checkpoint)
 
     def _needle_grid(self, max_seq_len: int) -> NeedleGrid | None:
         """The small needle grid of `trainer.eval_needle_every` (None when off), checked before any step."""
@@ -138,8 +152,8 @@ class Trainer:
         if mesh.sp > 1:
             parallelism += f", {mesh.sp_mode}, {mesh.layout.kind} layout"
         lines = [
-            f"model {model.cfg.name}: {model.num_params():,} parameters "
-            f"({model.num_params(exclude_embedding=True):,} without embeddings), mixers {'/'.join(model.cfg.layers)}",
+            f"model {model.cfg.name}: {self.num_params[0]:,} parameters "
+            f"({self.num_params[1]:,} without embeddings), mixers {'/'.join(model.cfg.layers)}",
             f"{self.world.world_size} rank(s) on {self.world.device.type} ({parallelism}), "
             f"{self.tokens_per_step:,} tokens per step, {self.flops_per_token:.3g} FLOPs per token",
         ]
@@ -160,30 +174,47 @@ class Trainer:
             return None
         return Path(self.cfg.resume)
 
-    def _restore(self, path: Path) -> None:
-        checkpoint = self.checkpointer.load(path)
-        apply_optimizer = self._check_changes(checkpoint)  # names a changed setting before its effects show below
+    def _weights_only(self, checkpoint: Checkpoint) -> bool:
+        """Whether to continue from the checkpoint's weights alone: it was written by another world size and
+        the user asked for that (resume_weights_only=true); any other world-size change is refused."""
         saved_world = checkpoint.trainer["world_size"]
-        if saved_world != self.world.world_size or checkpoint.rank_state is None:
+        if saved_world == self.world.world_size and checkpoint.rank_state is not None:
+            return False
+        if not self.cfg.resume_weights_only:
             raise CheckpointError(
-                f"checkpoint {path} was written by {saved_world} ranks, this job has {self.world.world_size}: "
-                f"resume with --nproc_per_node={saved_world} (changing the world size on resume is not supported)"
+                f"checkpoint {checkpoint.path} was written by {saved_world} ranks, this job has "
+                f"{self.world.world_size}: resume with --nproc_per_node={saved_world}, or pass resume_weights_only=true "
+                "to continue from its weights with a fresh optimizer and data order (the step count and schedule go on)"
             )
+        return True
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        apply_optimizer = self._check_changes(checkpoint)  # names a changed setting before its effects show below
         self.train_loader.load_state_dict(checkpoint.rank_state["loader"])
-        self.engine.load(path, checkpoint.trainer["scheduler"])
+        self.engine.load(checkpoint.path, checkpoint.trainer["scheduler"])
         if apply_optimizer:
             apply_optimizer_settings(self.engine.optimizer, self.engine.scheduler, self.cfg.optim)
         set_rng_state(checkpoint.rank_state["rng"])
         self.step, self.tokens_seen = checkpoint.trainer["step"], checkpoint.trainer["tokens_seen"]
-        self.resumed_from = path
+        self.resumed_from = checkpoint.path
 
-    def _check_changes(self, checkpoint: Checkpoint) -> bool:
+    def _continue_from_weights(self, checkpoint: Checkpoint) -> None:
+        """The weights are in; the optimizer is new, the schedule moves to the checkpoint's step, the data starts over."""
+        self.step, self.tokens_seen = checkpoint.trainer["step"], checkpoint.trainer["tokens_seen"]
+        scheduler = self.engine.scheduler
+        scheduler.last_epoch = self.step - 1
+        scheduler.step()  # sets every group's lr for the position
+        self.resumed_from = checkpoint.path
+        log.info("continuing from the weights of %s (written by %d ranks) with a fresh optimizer and data order",
+                 checkpoint.path, checkpoint.trainer["world_size"])
+
+    def _check_changes(self, checkpoint: Checkpoint, engine_may_change: bool = False) -> bool:
         """Refuse settings that would change what a resumed run trains; True when optimizer changes are to be applied."""
         if checkpoint.config is None:
             log.warning("checkpoint %s records no config (lsys before 0.2): resuming without comparing settings",
                         checkpoint.path)
             return False
-        changes = compare_configs(checkpoint.config, self.resolved_config)
+        changes = compare_configs(checkpoint.config, self.resolved_config, engine_may_change=engine_may_change)
         problems = [
             f"{change} would change what {checkpoint.path} was trained as; start a new run (another run_name) "
             "or drop the override" for change in changes.refused
