@@ -1,6 +1,7 @@
 """The DeepSpeed ZeRO engine on CPU (DeepSpeed's CPU accelerator, real `deepspeed.initialize` on gloo):
 the same training as DDP at every stage and over dp x sp, sharded checkpoints that resume exactly,
-export to one safetensors file, the memory formulas against what DeepSpeed allocates, and bad input.
+export to one safetensors file, the memory formulas against what DeepSpeed allocates (2 and 4 ranks),
+and bad input.
 
 Tolerance: fp32 losses and gradient norms of ZeRO 0-3 equal DDP's to 1e-5 relative over 20 steps
 (the same sums reduced in another order); resumed runs equal straight ones bitwise.
@@ -134,31 +135,55 @@ def files_data(corpus: Path) -> list[str]:
     return ["data=files", f"data.path={corpus}"]
 
 
-@pytest.mark.slow
-def test_a_zero_run_killed_and_resumed_gives_the_losses_of_one_that_never_stopped(corpus: Path, tmp_path: Path):
-    common = [*files_data(corpus), *TINY, "parallel.engine=deepspeed", "parallel.zero_stage=2", "trainer.max_steps=8",
-              "trainer.checkpoint_every=4", "trainer.eval_every=4"]
-    straight = run_train([*common, f"run_dir={tmp_path / 'straight'}"], cwd=tmp_path, nproc=2)
-    assert straight.returncode == 0, straight.stderr
-    run_dir = tmp_path / "killed"
+def start_until_past_step_4(command: list[str], cwd: Path, run_dir: Path, **popen) -> subprocess.Popen:
+    """Start a job and return once it has saved step 4 and logged step 5: a kill then lands mid-run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen(train_command([*common, f"run_dir={run_dir}", "trainer.max_steps=8"], nproc=2),
-                           cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    job = subprocess.Popen(command, cwd=cwd, env=env, **popen)
     deadline = time.monotonic() + 240
     while not ((run_dir / "step-00000004" / "COMPLETE").is_file() and len(read_metrics(run_dir)) >= 5):
         assert job.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
         time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)  # launcher and workers at once, mid-run, past the step-4 checkpoint
+    return job
+
+
+@pytest.mark.slow
+def test_a_zero_run_killed_whole_or_in_one_worker_ends_as_if_it_never_stopped(corpus: Path, tmp_path: Path):
+    from tests.test_run_safety import children_of
+
+    common = [*files_data(corpus), *TINY, "parallel.engine=deepspeed", "parallel.zero_stage=2", "trainer.max_steps=8",
+              "trainer.checkpoint_every=4", "trainer.eval_every=4"]
+    straight = run_train([*common, f"run_dir={tmp_path / 'straight'}"], cwd=tmp_path, nproc=2)
+    assert straight.returncode == 0, straight.stderr
+    expected = read_metrics(tmp_path / "straight")
+
+    # SIGKILL of launcher and workers at once, past the step-4 checkpoint; a new job resumes from its shards.
+    killed = tmp_path / "killed"
+    job = start_until_past_step_4(train_command([*common, f"run_dir={killed}"], nproc=2), tmp_path, killed,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    shards = sorted(p.name for p in (run_dir / "step-00000004" / "zero").iterdir())
+    shards = sorted(p.name for p in (killed / "step-00000004" / "zero").iterdir())
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
-    resumed = run_train([*common, f"run_dir={run_dir}"], cwd=tmp_path, nproc=2)
+    resumed = run_train([*common, f"run_dir={killed}"], cwd=tmp_path, nproc=2)
     assert resumed.returncode == 0, resumed.stderr
-    expected, got = read_metrics(tmp_path / "straight"), read_metrics(run_dir)
+    got = read_metrics(killed)
     assert [r["step"] for r in got] == list(range(1, 9))
     for key in ("loss", "val_loss", "grad_norm", "lr"):
         assert [r.get(key) for r in got] == [r.get(key) for r in expected], key
+
+    # SIGKILL of one worker under --max-restarts=1: torchrun restarts both, which resume by themselves.
+    restarted = tmp_path / "restarted"
+    command = train_command([*common, f"run_dir={restarted}"], nproc=2)
+    command.insert(command.index("--standalone"), "--max-restarts=1")
+    launcher = start_until_past_step_4(command, tmp_path, restarted, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True)
+    os.kill(max(children_of(launcher.pid)), signal.SIGKILL)
+    output = launcher.communicate(timeout=600)[0]
+    assert launcher.returncode == 0, output
+    assert "resumed from" in (restarted / "train.log").read_text()
+    got = read_metrics(restarted)
+    assert [r["step"] for r in got] == list(range(1, 9))
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]
 
 
 BAD_DEEPSPEED = {
@@ -238,42 +263,18 @@ def test_two_nodes_train_zero2_over_dp_and_sp_checkpoint_stop_and_resume(corpus:
     assert "dp 2 x sp 2" in (split / "train.log").read_text()
 
 
-@pytest.mark.slow
-def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_never_killed(corpus: Path, tmp_path: Path):
-    from tests.test_run_safety import children_of
-
-    common = [*files_data(corpus), *TINY, "parallel.engine=deepspeed", "parallel.zero_stage=1", "trainer.max_steps=8",
-              "trainer.checkpoint_every=4"]
-    straight = run_train([*common, f"run_dir={tmp_path / 'straight'}"], cwd=tmp_path, nproc=2)
-    assert straight.returncode == 0, straight.stderr
-    run_dir = tmp_path / "restarted"
-    command = train_command([*common, f"run_dir={run_dir}"], nproc=2)
-    command.insert(command.index("--standalone"), "--max-restarts=1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-    deadline = time.monotonic() + 240
-    while not ((run_dir / "step-00000004" / "COMPLETE").is_file() and len(read_metrics(run_dir)) >= 5):
-        assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before a worker was killed"
-        time.sleep(0.05)
-    os.kill(max(children_of(launcher.pid)), signal.SIGKILL)  # one worker, mid-run
-    output = launcher.communicate(timeout=600)[0]
-    assert launcher.returncode == 0, output
-    assert "resumed from" in (run_dir / "train.log").read_text()
-    expected, got = read_metrics(tmp_path / "straight"), read_metrics(run_dir)
-    assert [r["step"] for r in got] == list(range(1, 9))
-    assert got[-1]["loss"] == expected[-1]["loss"]
-
-
 SP_STEPS, SP_SEQ_LEN = 5, 64  # zigzag over sp=2 cuts 64 tokens into pieces of one RAT chunk (16)
 
 
-def sp_losses(cfg, world: World, rows: slice, positions: torch.Tensor) -> list[float]:
+def sp_losses(cfg, world: World, rows: slice, positions: torch.Tensor) -> tuple[list[float], dict[str, float]]:
+    """The losses of SP_STEPS steps, and the bytes this rank holds (held_bytes)."""
     torch.manual_seed(0)
-    engine = build_engine(build_model(model_config(cfg)), cfg, world=world, max_steps=SP_STEPS)
+    model = build_model(model_config(cfg))
+    engine = build_engine(model, cfg, world=world, max_steps=SP_STEPS)
     guard = DivergenceGuard(**OPEN_GUARD)
-    return [engine.train_step([(batch[rows, :-1][:, positions], batch[rows, 1:][:, positions])], guard).loss
-            for batch in fixed_batches(2 * MICRO_BATCH, SP_SEQ_LEN)[:SP_STEPS]]
+    losses = [engine.train_step([(batch[rows, :-1][:, positions], batch[rows, 1:][:, positions])], guard).loss
+              for batch in fixed_batches(2 * MICRO_BATCH, SP_SEQ_LEN)[:SP_STEPS]]
+    return losses, held_bytes(engine, model)
 
 
 def _dp_sp_worker(rank: int, world_size: int, out_file: str) -> None:
@@ -285,23 +286,32 @@ def _dp_sp_worker(rank: int, world_size: int, out_file: str) -> None:
                              seq_len=SP_SEQ_LEN)
         mesh = init_mesh(world, sp=2, sp_mode="ring", layout=cfg.parallel.layout)
         rows = slice(mesh.dp_rank * MICRO_BATCH, (mesh.dp_rank + 1) * MICRO_BATCH)
-        results[stage] = sp_losses(cfg, world, rows, mesh.layout.positions(mesh.sp_rank, SP_SEQ_LEN))
+        losses, held = sp_losses(cfg, world, rows, mesh.layout.positions(mesh.sp_rank, SP_SEQ_LEN))
+        results[stage] = {"loss": losses, "held": held}
     if rank == 0:
         Path(out_file).write_text(json.dumps(results))
 
 
 @pytest.mark.slow
-def test_zero2_and_zero3_over_dp2_by_sp2_train_like_one_process(tmp_path: Path):
+def test_zero2_and_zero3_over_dp2_by_sp2_train_like_one_process_and_hold_their_shards(tmp_path: Path):
     out = tmp_path / "losses.json"
     run_local_ranks(_dp_sp_worker, 4, str(out))
     results = json.loads(out.read_text())
     world = World(0, 1, 0, torch.device("cpu"))
     init_mesh(world)
-    expected = sp_losses(compose_config([], seq_len=SP_SEQ_LEN), world, slice(None), torch.arange(SP_SEQ_LEN))  # DDP
+    cfg = compose_config([], seq_len=SP_SEQ_LEN)
+    expected, _ = sp_losses(cfg, world, slice(None), torch.arange(SP_SEQ_LEN))  # DDP
     shutdown()
     assert len(set(expected)) == SP_STEPS
+    parameters = build_model(model_config(cfg)).num_params()
     for stage in ("2", "3"):
-        torch.testing.assert_close(results[stage], expected, rtol=2e-5, atol=0, msg=f"ZeRO-{stage}")
+        torch.testing.assert_close(results[stage]["loss"], expected, rtol=2e-5, atol=0, msg=f"ZeRO-{stage}")
+        # All 4 ranks are DeepSpeed's data-parallel group: the formulas at 4 ranks, within 5%.
+        formula = training_state(parameters, engine="deepspeed", zero_stage=int(stage), offload="none", world_size=4,
+                                 bf16=False)
+        held = results[stage]["held"]
+        assert held["weights"] == pytest.approx(formula.weights, rel=0.05), stage
+        assert held["optimizer"] == pytest.approx(formula.optimizer, rel=0.05), stage
 
 
 @pytest.mark.slow
