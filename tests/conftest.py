@@ -31,6 +31,14 @@ TINY = [
 ]
 
 
+def compose_config(overrides: list[str]):
+    """The training config as launch/train.py composes it from these overrides."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
 def train_command(overrides: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, str(REPO / "launch/train.py"), *overrides]
@@ -52,14 +60,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
+def write_corpus(folder: Path) -> Path:
     """A small folder of real text (a slice of the stdlib's source) for quick training runs."""
     import sysconfig
 
-    folder = tmp_path / "corpus"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for name in ("textwrap.py", "heapq.py", "bisect.py", "fnmatch.py", "colorsys.py", "shlex.py"):
         (folder / f"{name}.txt").write_text((stdlib / name).read_text(encoding="utf-8"))
     return folder
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path / "corpus")

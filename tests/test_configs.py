@@ -6,21 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lsys.config import check_config, model_config
 from lsys.models import build_model
-from tests.conftest import CONF_DIR, REPO, TINY, read_metrics, run_train
+from tests.conftest import CONF_DIR, REPO, TINY, compose_config, read_metrics, run_train
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 TINY_MODELS = [m for m in MODELS if m.endswith("_tiny")]
 LARGE_MODELS = [m for m in MODELS if not m.endswith("_tiny")]
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 def test_every_group_option_composes_and_validates(corpus: Path, tokenizer_file: Path):

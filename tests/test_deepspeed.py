@@ -19,10 +19,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lsys.config import model_config
+from lsys.config import check_config, model_config
 from lsys.generate import load_for_generation
 from lsys.models import build_model
 from lsys.train.checkpoint import Checkpointer
+from lsys.train.deepspeed_config import DeepSpeedConfigError, deepspeed_config
 from lsys.train.engine import build_engine
 from lsys.train.export import export_checkpoint
 from lsys.train.guard import DivergenceGuard
@@ -30,7 +31,7 @@ from lsys.train.memory import training_state
 from parallel import World, init_mesh
 from parallel.local_ranks import run_local_ranks
 from parallel.mesh import shutdown
-from tests.conftest import CONF_DIR, TINY, read_metrics, run_train, train_command
+from tests.conftest import CONF_DIR, TINY, read_metrics, run_train, train_command, write_corpus
 
 RTOL = 1e-5
 STEPS, MICRO_BATCH, SEQ_LEN = 20, 2, 32
@@ -146,15 +147,27 @@ def start_until_past_step_4(command: list[str], cwd: Path, run_dir: Path, **pope
     return job
 
 
+ZERO_RUN = [*TINY, "parallel.engine=deepspeed", "parallel.zero_stage=2", "trainer.max_steps=8",
+            "trainer.checkpoint_every=4", "trainer.eval_every=4"]
+
+
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
+    """A ZeRO-2 run on 2 processes that was never stopped: (its overrides, less run_dir; its run directory).
+    Tests read it and write elsewhere."""
+    folder = tmp_path_factory.mktemp("zero_run")
+    common = [*files_data(write_corpus(folder / "corpus")), *ZERO_RUN]
+    straight = run_train([*common, f"run_dir={folder / 'straight'}"], cwd=folder, nproc=2)
+    assert straight.returncode == 0, straight.stderr
+    return common, folder / "straight"
+
+
 @pytest.mark.slow
-def test_a_zero_run_killed_whole_or_in_one_worker_ends_as_if_it_never_stopped(corpus: Path, tmp_path: Path):
+def test_a_zero_run_killed_whole_or_in_one_worker_ends_as_if_it_never_stopped(zero_run, tmp_path: Path):
     from tests.test_run_safety import children_of
 
-    common = [*files_data(corpus), *TINY, "parallel.engine=deepspeed", "parallel.zero_stage=2", "trainer.max_steps=8",
-              "trainer.checkpoint_every=4", "trainer.eval_every=4"]
-    straight = run_train([*common, f"run_dir={tmp_path / 'straight'}"], cwd=tmp_path, nproc=2)
-    assert straight.returncode == 0, straight.stderr
-    expected = read_metrics(tmp_path / "straight")
+    common, straight = zero_run
+    expected = read_metrics(straight)
 
     # SIGKILL of launcher and workers at once, past the step-4 checkpoint; a new job resumes from its shards.
     killed = tmp_path / "killed"
@@ -195,22 +208,44 @@ BAD_DEEPSPEED = {
     "json batch size against the trainer's": (
         ["parallel.deepspeed_config={tmp}/batch.json"],
         "parallel.deepspeed_config sets train_batch_size = 999, but trainer.micro_batch_size x trainer.grad_accum x "
-        "world size gives 2",
+        "world size gives 2",  # compose_config's micro batch of 2, 1 rank
     ),
 }
 
 
+def deepspeed_problems(overrides: list[str]) -> list[str]:
+    """What launch/train.py finds wrong before it writes anything: check_config, then the full DeepSpeed config
+    (its batch size needs the world size), here 1 rank."""
+    cfg = compose_config(["parallel.engine=deepspeed", *overrides])
+    problems = check_config(cfg)
+    if not problems:
+        try:
+            deepspeed_config(cfg, 1, bf16=False)
+        except DeepSpeedConfigError as error:
+            problems = error.problems
+    return problems
+
+
 @pytest.mark.parametrize("case", sorted(BAD_DEEPSPEED))
-def test_bad_deepspeed_settings_fail_in_one_line_and_write_nothing(case: str, tmp_path: Path):
+def test_each_bad_deepspeed_setting_is_one_problem_that_names_it(case: str, tmp_path: Path):
     (tmp_path / "bad.json").write_text("{ not json")
     (tmp_path / "batch.json").write_text(json.dumps({"train_batch_size": 999, "zero_optimization": {"overlap_comm": True}}))
     overrides, expected = BAD_DEEPSPEED[case]
+    problems = deepspeed_problems([o.format(tmp=tmp_path) for o in overrides])
+    assert len([problem for problem in problems if expected in problem]) == 1, problems
+
+
+def test_a_bad_deepspeed_setting_fails_in_one_line_and_writes_nothing(tmp_path: Path):
+    """End to end: the batch-size check, the one that runs once the world size is known (here 1)."""
+    (tmp_path / "batch.json").write_text(json.dumps({"train_batch_size": 999}))
     run_dir = tmp_path / "run"
-    result = run_train([*TINY, "parallel.engine=deepspeed", *[o.format(tmp=tmp_path) for o in overrides],
+    result = run_train([*TINY, "parallel.engine=deepspeed", f"parallel.deepspeed_config={tmp_path / 'batch.json'}",
                         f"run_dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("lsys:")]
-    assert len(lines) == 1 and lines[0].startswith("lsys: config error: ") and expected in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("lsys: config error: "), result.stderr
+    assert "sets train_batch_size = 999, but trainer.micro_batch_size x trainer.grad_accum x world size gives 2" \
+        in lines[0]
     assert not run_dir.exists()
 
 
@@ -252,15 +287,15 @@ def run_two_nodes(overrides: list[str], cwd: Path) -> None:
 def test_two_nodes_train_zero2_over_dp_and_sp_checkpoint_stop_and_resume(corpus: Path, tmp_path: Path):
     common = [*files_data(corpus), *TINY, "parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.sp=2",
               "trainer.max_steps=4", "trainer.checkpoint_every=2"]
-    run_two_nodes([*common, f"run_dir={tmp_path / 'straight'}"], tmp_path)
-    split = tmp_path / "split"
-    run_two_nodes([*common, f"run_dir={split}", "trainer.stop_after_steps=2"], tmp_path)
-    assert [r["step"] for r in read_metrics(split)] == [1, 2]
-    run_two_nodes([*common, f"run_dir={split}"], tmp_path)
-    expected, got = read_metrics(tmp_path / "straight"), read_metrics(split)
-    assert [r["step"] for r in got] == [1, 2, 3, 4]
-    assert [r["loss"] for r in got] == [r["loss"] for r in expected]
-    assert "dp 2 x sp 2" in (split / "train.log").read_text()
+    first = tmp_path / "first"
+    run_two_nodes([*common, f"run_dir={first}"], tmp_path)
+    assert "dp 2 x sp 2" in (first / "train.log").read_text()
+    # A second job of two nodes resumes from the first one's step-2 shards and retraces its steps 3 and 4.
+    resumed = tmp_path / "resumed"
+    run_two_nodes([*common, f"run_dir={resumed}", f"resume={first / 'step-00000002'}"], tmp_path)
+    expected, got = read_metrics(first), read_metrics(resumed)
+    assert [r["step"] for r in got] == [3, 4]
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected[2:]]
 
 
 SP_STEPS, SP_SEQ_LEN = 5, 64  # zigzag over sp=2 cuts 64 tokens into pieces of one RAT chunk (16)
@@ -315,18 +350,15 @@ def test_zero2_and_zero3_over_dp2_by_sp2_train_like_one_process_and_hold_their_s
 
 
 @pytest.mark.slow
-def test_a_zero_checkpoint_continues_on_another_world_size_from_its_weights_only_when_asked(corpus: Path,
-                                                                                           tmp_path: Path):
+def test_a_zero_checkpoint_continues_on_another_world_size_from_its_weights_only_when_asked(zero_run, tmp_path: Path):
     from safetensors.torch import load_file
 
     from lsys.train.export import consolidated_weights
 
-    run_dir = tmp_path / "run"
-    zero = [*files_data(corpus), *TINY, "parallel.engine=deepspeed", "parallel.zero_stage=2", "trainer.max_steps=4",
-            "trainer.checkpoint_every=4", f"run_dir={run_dir}"]
-    first = run_train(zero, cwd=tmp_path, nproc=2)
-    assert first.returncode == 0, first.stderr
-    one_process = [*files_data(corpus), *TINY, "trainer.max_steps=5", "trainer.checkpoint_every=5", f"run_dir={run_dir}"]
+    common, straight = zero_run
+    sharded_checkpoint, run_dir = straight / "step-00000008", tmp_path / "run"
+    one_process = [*[o for o in common if not o.startswith("parallel.")], "trainer.max_steps=9",
+                   "trainer.checkpoint_every=9", f"resume={sharded_checkpoint}", f"run_dir={run_dir}"]
     refused = run_train(one_process, cwd=tmp_path)
     assert refused.returncode == 1
     assert "was written by 2 ranks, this job has 1: resume with --nproc_per_node=2, or pass resume_weights_only=true" \
@@ -336,8 +368,8 @@ def test_a_zero_checkpoint_continues_on_another_world_size_from_its_weights_only
                           cwd=tmp_path)
     assert continued.returncode == 0, continued.stderr
     assert "with a fresh optimizer and data order" in continued.stderr
-    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
-    sharded = consolidated_weights(run_dir / "step-00000004")
-    saved = load_file(run_dir / "step-00000005" / "model.safetensors")
+    assert [r["step"] for r in read_metrics(run_dir)] == [9]
+    sharded = consolidated_weights(sharded_checkpoint)
+    saved = load_file(run_dir / "step-00000009" / "model.safetensors")
     for name, tensor in sharded.items():
         torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-9, msg=name)

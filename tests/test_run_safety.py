@@ -76,9 +76,6 @@ def test_a_second_job_on_a_run_directory_in_use_fails_at_once_naming_the_holder(
         first.kill()
         first.wait()
     # The kernel dropped the dead holder's lock: the directory can be used again.
-    resumed = run_train([*overrides, "trainer.max_steps=1", "resume=none", f"run_dir={tmp_path / 'other'}"],
-                        cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
     lock = RunLock(run_dir)
     lock.acquire()
     lock.release()

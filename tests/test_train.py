@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY, read_metrics, run_train, train_command
+from lsys.config import check_config
+from tests.conftest import REPO, TINY, compose_config, read_metrics, run_train, train_command
 
 
 def files_data(corpus: Path) -> list[str]:
@@ -87,9 +88,10 @@ def test_non_finite_loss_stops_without_checkpointing_it(corpus: Path, tmp_path: 
     assert all(int(name.split("-")[1]) < bad_step for name in saved)
 
 
-BAD_INPUTS = {
-    "unknown config option": (["model=rat_huge"], "Could not find 'model/rat_huge'"),
-    "missing data path": (["data=files", "data.path=/no/such/folder"], "data.path '/no/such/folder' does not exist"),
+# Each bad setting names itself in one problem of check_config, what launch/train.py runs before it writes
+# anything; from a problem to one stderr line, exit code 2 and an untouched disk is tested end to end below for
+# a config problem and a data problem (Hydra composition errors: test_run_safety).
+BAD_SETTINGS = {
     "sequence too long for the model": (["data.seq_len=8192"], "exceeds model.max_seq_len (4096)"),
     "chunk size beyond the sequence": (["data.seq_len=8", "model.mixer_options.rat.chunk_size=16"], "exceeds data.seq_len (8)"),
     "heads do not divide d_model": (["model.n_heads=3"], "must be a multiple of model.n_heads (3)"),
@@ -99,6 +101,19 @@ BAD_INPUTS = {
     "chunk size not positive": (["model.mixer_options.rat.chunk_size=0"], "chunk_size must be positive, got 0"),
     "window not positive": (["model=rat_swa_tiny", "model.mixer_options.local.window=0"], "window must be positive, got 0"),
     "S2 block below 16": (["model=s2_tiny", "model.mixer_options.s2.block_size=8"], "block_size must be at least 16, got 8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_each_bad_setting_is_one_problem_that_names_it(case: str):
+    overrides, expected = BAD_SETTINGS[case]
+    problems = check_config(compose_config(overrides))
+    assert len([problem for problem in problems if expected in problem]) == 1, problems
+
+
+BAD_INPUTS = {
+    "heads do not divide d_model": BAD_SETTINGS["heads do not divide d_model"],
+    "missing data path": (["data=files", "data.path=/no/such/folder"], "data.path '/no/such/folder' does not exist"),
 }
 
 

@@ -5,9 +5,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from lsys.eval.needle import NeedleGrid, SampleResult
 
 # Red (missed) to green (found), the usual needle-in-a-haystack colours; fixed so plots compare.
@@ -69,6 +66,10 @@ def accuracy_table(summary: dict) -> list[list[float]]:
 
 def draw_heatmap(summary: dict, path: Path) -> None:
     """A PNG of accuracy: needle depth down, context length across, each cell's value written in it."""
+    # Imported here: matplotlib takes most of a second to import, and every training process imports this module.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     table = accuracy_table(summary)
     lengths, depths = summary["lengths"], summary["depths"]
     # A Figure with its own Agg canvas: no pyplot, so no global backend and no display is ever needed.
