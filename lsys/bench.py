@@ -77,14 +77,19 @@ def machine_line() -> str:
     return f"{device}, {platform.python_implementation()} {platform.python_version()}, torch {torch.__version__}"
 
 
+NOTES_HEADING = "Reading these numbers"  # docs/perf.md's hand-written section
+
+
 def write_section(path: Path, heading: str, body: str) -> None:
-    """Put `## heading` + body into the markdown file at `path`, replacing that section if present."""
+    """Put `## heading` + body into the markdown file at `path`, replacing that section if present; a new
+    section goes before the hand-written notes (NOTES_HEADING), which stay last."""
     text = path.read_text() if path.exists() else "# Performance\n\nEach table is written by the command shown with it.\n\n"
-    sections = re.split(r"(?m)^(?=## )", text)
+    sections = [section.rstrip() + "\n\n" for section in re.split(r"(?m)^(?=## )", text)]
     new = f"## {heading}\n\n{body.strip()}\n\n"
     kept = [new if section.startswith(f"## {heading}\n") else section for section in sections]
     if new not in kept:
-        kept.append(new)
+        notes = [i for i, section in enumerate(kept) if section.startswith(f"## {NOTES_HEADING}\n")]
+        kept.insert(notes[0] if notes else len(kept), new)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(kept).rstrip() + "\n")
 
