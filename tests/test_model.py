@@ -140,7 +140,7 @@ def test_rat_reset_parameters_redraws_the_gate_bias_and_small_chunks_start_at_ha
 def test_checkpoints_from_before_the_gate_init_still_load(tmp_path):
     from safetensors.torch import save_file
 
-    from lsys.train.checkpoint import load_model_weights
+    from lsys.train.checkpoint import file_sha256, load_model_weights
 
     cfg = tiny(["rat"])
     old = build_model(cfg)
@@ -148,16 +148,10 @@ def test_checkpoints_from_before_the_gate_init_still_load(tmp_path):
         for block in old.blocks:
             block.mixer.gate_bias.zero_()  # what every RAT layer started with before the paper's init
     save_file(old.state_dict(), tmp_path / "model.safetensors")
-    (tmp_path / "COMPLETE").write_text('{"files": {"model.safetensors": {"sha256": "%s"}}}' % _sha256(
+    (tmp_path / "COMPLETE").write_text('{"files": {"model.safetensors": {"sha256": "%s"}}}' % file_sha256(
         tmp_path / "model.safetensors"))
     new = build_model(cfg)
     new.load_state_dict(load_model_weights(tmp_path, new.state_dict()))
     tokens = torch.randint(0, 50, (2, 9))
     assert all(torch.equal(block.mixer.gate_bias, torch.zeros(cfg.d_model)) for block in new.blocks)
     torch.testing.assert_close(new(tokens), old(tokens), rtol=0, atol=0)
-
-
-def _sha256(path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()

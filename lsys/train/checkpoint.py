@@ -38,6 +38,7 @@ from parallel import World, barrier
 log = logging.getLogger(__name__)
 
 MANIFEST = "COMPLETE"
+ZERO_DIR = "zero"  # the sub-folder the deepspeed engine's shards go to (its DeepSpeed checkpoint tag)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -61,7 +62,7 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while block := file.read(1 << 23):
@@ -159,7 +160,7 @@ class Checkpointer:
         mine = {}
         for path in files[self.world.rank :: self.world.world_size]:
             _fsync(path)
-            mine[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            mine[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         return dict(sorted(self._merge_from_all_ranks(mine).items()))
 
     def _merge_from_all_ranks(self, part: dict) -> dict:
@@ -187,7 +188,7 @@ class Checkpointer:
             file = path / name
             if not file.is_file():
                 problems.append(f"checkpoint {path} is corrupt: {name} is missing")
-            elif file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+            elif file.stat().st_size != expected["bytes"] or file_sha256(file) != expected["sha256"]:
                 problems.append(f"checkpoint {path} is corrupt: {name} does not match its checksum")
         problems = sorted(self._merge_from_all_ranks({problem: None for problem in problems}))
         if problems:
@@ -225,7 +226,7 @@ def load_model_weights(path: Path, model_state: dict[str, torch.Tensor]) -> dict
             f"python launch/export.py ckpt={path} out=<folder>"
         )
     weights_file = path / "model.safetensors"
-    if not weights_file.is_file() or _sha256(weights_file) != expected["sha256"]:
+    if not weights_file.is_file() or file_sha256(weights_file) != expected["sha256"]:
         raise CheckpointError(f"checkpoint {path} is corrupt: model.safetensors does not match its checksum")
     weights = load_file(weights_file)
     check_fits(path, weights, model_state)

@@ -20,14 +20,12 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
-from lsys.train.checkpoint import CheckpointError
+from lsys.train.checkpoint import ZERO_DIR, CheckpointError
 from lsys.train.deepspeed_config import deepspeed_config
 from lsys.train.engine import Batch, StepResult, global_mean, language_model_loss, uses_bf16
 from lsys.train.guard import DivergenceGuard
 from lsys.train.optim import build_optimizer, build_scheduler, parameter_groups
 from parallel import World
-
-TAG = "zero"  # the sub-folder of a checkpoint that DeepSpeed's files go to
 
 
 class DeepSpeedEngine:
@@ -101,16 +99,16 @@ class DeepSpeedEngine:
 
     def save(self, folder: Path) -> None:
         """Every rank writes its shard of weights and optimizer state to folder/zero/."""
-        self.wrapped.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+        self.wrapped.save_checkpoint(str(folder), tag=ZERO_DIR, save_latest=False)
 
     def load(self, folder: Path, scheduler_state: dict) -> None:
-        if not (folder / TAG).is_dir():
+        if not (folder / ZERO_DIR).is_dir():
             raise CheckpointError(
-                f"checkpoint {folder} has no {TAG}/ folder: it was not written by the deepspeed engine "
+                f"checkpoint {folder} has no {ZERO_DIR}/ folder: it was not written by the deepspeed engine "
                 "(resume it with parallel.engine=ddp, or export its weights and start a new run)"
             )
         loaded, _ = self.wrapped.load_checkpoint(
-            str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            str(folder), tag=ZERO_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {folder}")

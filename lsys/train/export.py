@@ -14,11 +14,10 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from lsys.train.checkpoint import MANIFEST, Checkpointer, CheckpointError, _sha256, config_of
+from lsys.train.checkpoint import (
+    MANIFEST, ZERO_DIR, Checkpointer, CheckpointError, config_of, file_sha256, latest_checkpoint,
+)
 from parallel import World
-
-ZERO_TAG = "zero"  # the deepspeed engine's sub-folder (lsys.train.deepspeed_engine.TAG)
-
 
 def consolidated_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a verified checkpoint, gathered from ZeRO shards when there are any."""
@@ -26,12 +25,12 @@ def consolidated_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(checkpoint / "model.safetensors")
-    if (checkpoint / ZERO_TAG).is_dir():
+    if (checkpoint / ZERO_DIR).is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ZERO_TAG)
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ZERO_DIR)
         return {name: tensor.contiguous() for name, tensor in weights.items()}
-    raise CheckpointError(f"checkpoint {checkpoint} holds neither model.safetensors nor {ZERO_TAG}/ shards")
+    raise CheckpointError(f"checkpoint {checkpoint} holds neither model.safetensors nor {ZERO_DIR}/ shards")
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
@@ -48,7 +47,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     save_file({name: tensor.float() for name, tensor in weights.items()}, tmp / "model.safetensors")
     OmegaConf.save(OmegaConf.create(config), tmp / "config.yaml")
     step = json.loads((checkpoint / "trainer.json").read_text())["step"]
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
              for name in ("model.safetensors", "config.yaml")}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "exported_from": str(checkpoint), "files": files}, indent=1))
     if out.exists():
@@ -59,8 +58,6 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
 
 def run(cfg) -> int:
     """launch/export.py: export `cfg.ckpt` to `cfg.out`; returns the exit code (2: not a complete checkpoint)."""
-    from lsys.train.checkpoint import latest_checkpoint
-
     checkpoint = Path(cfg.ckpt)
     if checkpoint.is_dir() and not (checkpoint / MANIFEST).is_file() and not checkpoint.name.startswith("step-"):
         checkpoint = latest_checkpoint(checkpoint) or checkpoint  # a run directory: its newest checkpoint
