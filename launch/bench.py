@@ -4,7 +4,10 @@
     python launch/bench.py mixers    one layer forward+backward per mixer, decode speed and cache size
     python launch/bench.py sp        bytes each sequence-parallel op sends, and its CPU time at sp = 1, 2, 4
     python launch/bench.py kernels   Triton kernels vs SDPA flash, flex_attention and the torch references (GPU)
-    python launch/bench.py memory    training state per rank under DDP and ZeRO-1/2/3, from the formulas
+    python launch/bench.py memory    training state per rank under DDP and ZeRO-1/2/3, from the formulas, and the
+                                     planner's longest trainable sequence per 80 GB GPU for the 1B models
+    python launch/bench.py activations   peak memory of one CPU training step per activation option, measured
+                                     in a fresh process per point, beside the planner's prediction
 """
 
 import argparse
@@ -14,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 
 from kernels import S2Pattern
 
@@ -33,7 +37,11 @@ from lsys.bench import (
     write_section,
 )
 from lsys import kernel_bench
+from lsys.models import ActivationPlan, ModelConfig
+from lsys.step_memory import measure_in_fresh_process
 from lsys.train.memory import training_state
+from lsys.train.plan_command import plan_setup
+from lsys.train.planner import Setup, longest_sequence, plan
 
 
 def bench_train(args: argparse.Namespace) -> tuple[str, str]:
@@ -193,6 +201,7 @@ def bench_memory(args: argparse.Namespace) -> tuple[str, str]:
                                        world_size=ranks, bf16=True)
                 cells = [state.weights, state.gradients, state.optimizer, state.device_total, state.offloaded]
                 lines.append(f"| {name} | {setup} | {ranks} | " + " | ".join(f"{c / 2**30:.2f} GiB" for c in cells) + " |")
+    longest = longest_sequences(args)
     body = (
         f"Written by `{args.command}` from the formulas of `lsys/train/memory.py` (which the start-up memory check "
         "uses, and tests/test_deepspeed.py checks against what DeepSpeed allocates for tiny models): bytes one rank "
@@ -201,13 +210,106 @@ def bench_memory(args: argparse.Namespace) -> tuple[str, str]:
         "master weights and moments (16 bytes a parameter before sharding), and ZeRO-1/2/3 shards the optimizer "
         "state / also the gradients / also the weights over the ranks. Activations come on top.\n\n"
         + "\n".join(lines)
+        + "\n\n### Longest trainable sequence per 80 GB GPU\n\n" + longest
     )
     return "Training state per rank: DDP and ZeRO", body
 
 
+def longest_sequences(args: argparse.Namespace) -> str:
+    """The planner's longest trainable seq_len per 80 GB GPU for the 1B models, on 1 GPU and on 8 (sp = 8)."""
+    lines = ["| model | GPUs | activation offload | longest seq_len | peak per GPU | of which kept activations |",
+             "|---|---|---|---|---|---|"]
+    for name in ("rat_1b", "attn_1b", "rat_swa_1b", "lightning_1b"):
+        cache = {}  # traces depend on the tokens per rank only: shared by every row of a model
+        for gpus in (1, 8):
+            for offload in (False, True):
+                overrides = [f"model={name}", f"parallel.sp={gpus}", "parallel.engine=deepspeed", "parallel.zero_stage=3",
+                             "trainer.activation_checkpointing=full", f"trainer.loss_chunk={args.loss_chunk}",
+                             "trainer.micro_batch_size=1", f"trainer.offload_activations={str(offload).lower()}"]
+                with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+                    setup = plan_setup(compose(config_name="plan", overrides=overrides))
+                length, best = longest_sequence(setup, 80 * 2**30, cache)
+                kept = sum(best.kept.values()) if best else 0.0
+                peak = best.peak if best else 0.0
+                lines.append(f"| {name} | {gpus} | {'yes' if offload else 'no'} | {length:,} ({length / 2**20:.2f}M) | "
+                             f"{peak / 2**30:.1f} GiB | {kept / 2**30:.1f} GiB |")
+    return (
+        f"From `lsys/train/planner.py` (`python launch/plan.py ... plan.mode=max_seq_len`), written by `{args.command}`: "
+        "DeepSpeed ZeRO-3 in bf16, every block recomputed in backward (`trainer.activation_checkpointing=full`), "
+        f"tiled loss (`trainer.loss_chunk={args.loss_chunk}`), micro batch 1, 80 GiB per GPU; on 8 GPUs the sequence "
+        "is split over sp = 8 ranks (ring attention for attention layers, RAT-SP, LASP). With offload the inputs of "
+        "the recomputed blocks live in pinned host memory (`trainer.offload_activations=true`). Predicted, not yet "
+        "measured on a GPU (tests/test_activations.py has the GPU check of offload for the first GPU run).\n\n"
+        + "\n".join(lines)
+    )
+
+
+# The small model and options whose CPU step memory is measured against the planner.
+ACTIVATION_MODEL = dict(vocab_size=8192, d_model=128, n_layers=4, n_heads=4, ffn_dim=512, max_seq_len=32768)
+ACTIVATION_MIXERS = {"rat": {"rat": {"chunk_size": 16}}, "lightning": {}, "local": {"local": {"window": 1024}}}
+ACTIVATION_OPTIONS = {
+    "plain": ActivationPlan(),
+    "AC full": ActivationPlan("full"),
+    "AC mixer": ActivationPlan("mixer"),
+    "tiled loss": ActivationPlan(loss_chunk=1024),
+    "tiled MLP": ActivationPlan(mlp_chunk=1024),
+    "AC full + tiled loss": ActivationPlan("full", loss_chunk=1024),
+}
+
+
+def bench_activations(args: argparse.Namespace) -> tuple[str, str]:
+    lengths = args.activation_lengths
+    measured, planned = {}, {}
+    for mixer, options in ACTIVATION_MIXERS.items():
+        model = ModelConfig(name=f"{mixer}_small", layers=[mixer], mixer_options=options, **ACTIVATION_MODEL)
+        cache = {}
+        for label, activations in ACTIVATION_OPTIONS.items():
+            for length in lengths:
+                point = (mixer, label, length)
+                measured[point] = measure_in_fresh_process(model, activations, seq_len=length, micro_batch=1)["step_peak"]
+                setup = Setup(model=model, seq_len=length, micro_batch=1, world_size=1, activations=activations,
+                              precision="fp32")
+                result = plan(setup, cache)
+                # What the measured step holds: activations and the gradients backward creates (weights are in the baseline).
+                planned[point] = result.activations + result.state.gradients
+                print(f"{mixer} {label} T={length}: measured {measured[point] / 2**20:.0f} MiB, "
+                      f"planned {planned[point] / 2**20:.0f} MiB", flush=True)
+    header = "| mixer | T | " + " | ".join(ACTIVATION_OPTIONS) + " |"
+    lines = [header, "|---|---|" + "---|" * len(ACTIVATION_OPTIONS)]
+    for mixer in ACTIVATION_MIXERS:
+        for length in lengths:
+            cells = []
+            for label in ACTIVATION_OPTIONS:
+                real, predicted = measured[(mixer, label, length)], planned[(mixer, label, length)]
+                cells.append(f"{real / 2**20:,.0f} / {predicted / 2**20:,.0f} ({100 * (predicted - real) / real:+.0f}%)")
+            lines.append(f"| {mixer} | {length // 1024}K | " + " | ".join(cells) + " |")
+    best = "AC full + tiled loss"
+    short, long = lengths[-2], lengths[-1]
+    summary = ["| mixer | slope with AC + tiled loss | plain / AC + tiled loss at "
+               f"{long // 1024}K | worst planner error |", "|---|---|---|---|"]
+    for mixer in ACTIVATION_MIXERS:
+        slope = (measured[(mixer, best, long)] - measured[(mixer, best, short)]) / (long - short)
+        ratio = measured[(mixer, "plain", long)] / measured[(mixer, best, long)]
+        worst = max(abs(planned[p] - measured[p]) / measured[p] for p in measured if p[0] == mixer)
+        summary.append(f"| {mixer} | {slope / 1024:.1f} KiB per token | {ratio:.1f}x | {100 * worst:.0f}% |")
+    shape = ", ".join(f"{key} {value}" for key, value in ACTIVATION_MODEL.items() if key != "max_seq_len")
+    body = (
+        f"Measured on {machine_line()} with `{args.command}`: one forward+backward of a small model ({shape}; "
+        "RAT chunk 16, local window 1024, fp32, batch 1) per cell, each in a fresh process (`lsys/step_memory.py`: "
+        "one warm-up step, then the kernel's high-water mark of resident memory reset through /proc/self/clear_refs, "
+        "and the second step's peak over the resident memory before it; glibc told to map every block of 64 KiB or "
+        "more on its own, `MALLOC_MMAP_THRESHOLD_=65536`, so that freed tensors leave resident memory). Weights are "
+        "in the baseline; the peak holds activations, temporaries and the gradients. Each cell: measured / planned "
+        "MiB (the planner's error), the planner being `lsys/train/planner.py` run for the same setup "
+        "(activations + gradients). Loss and MLP tiles of 1024 tokens.\n\n" + "\n".join(lines) + "\n\n"
+        f"The slope is the measured growth per token from {short // 1024}K to {long // 1024}K.\n\n" + "\n".join(summary)
+    )
+    return "Activation memory per training step: measured and planned", body
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["train", "mixers", "sp", "kernels", "memory"])
+    parser.add_argument("what", choices=["train", "mixers", "sp", "kernels", "memory", "activations"])
     parser.add_argument("--steps", type=int, default=60, help="train: steps per run")
     parser.add_argument("--d-model", type=int, default=256, help="mixers: model width")
     parser.add_argument("--n-heads", type=int, default=8, help="mixers: heads (>= 8 so that S2 covers the context)")
@@ -229,12 +331,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="kernels: timed runs per measurement")
     parser.add_argument("--reference-max-len", type=int, default=32768,
                         help="kernels: longest T for the (slow, memory-hungry) torch references")
+    parser.add_argument("--loss-chunk", type=int, default=4096, help="memory: trainer.loss_chunk of the 1B plans")
+    parser.add_argument("--activation-lengths", nargs="+", type=int, default=[2048, 8192, 32768],
+                        help="activations: sequence lengths measured")
     parser.add_argument("--out", type=Path, default=REPO / "docs/perf.md")
     parser.add_argument("overrides", nargs="*", help="train: Hydra overrides passed to every run")
     args = parser.parse_args()
     args.command = shlex.join(["python", "launch/bench.py", *sys.argv[1:]])
     benches = {
         "train": bench_train, "mixers": bench_mixers, "sp": bench_sp, "kernels": bench_kernels, "memory": bench_memory,
+        "activations": bench_activations,
     }
     heading, body = benches[args.what](args)
     write_section(args.out, heading, body)

@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lsys.models import MIXERS, ModelConfig
+from lsys.models import MIXERS, ActivationPlan, ModelConfig
 from lsys.train.deepspeed_config import settings_problems as deepspeed_settings_problems
 from lsys.train.engine import ENGINES
 from lsys.train.resume import RESUME_OVERRIDES
@@ -27,6 +28,14 @@ def model_config(cfg: DictConfig) -> ModelConfig:
         return ModelConfig(**fields)
     except TypeError as error:
         raise ConfigError([f"model: {error} (see lsys/models/config.py for the settings)"]) from None
+
+
+def activation_plan(trainer: DictConfig) -> ActivationPlan:
+    """What a training step keeps for backward, from the `trainer` group (check `.problems()` before building)."""
+    return ActivationPlan(
+        checkpointing=trainer.activation_checkpointing, every=trainer.ac_every, loss_chunk=trainer.loss_chunk,
+        mlp_chunk=trainer.mlp_chunk, offload=trainer.offload_activations,
+    )
 
 
 def check_model(model: ModelConfig, seq_len: int) -> list[str]:
@@ -107,6 +116,7 @@ def check_config(cfg: DictConfig) -> list[str]:
     for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every"):
         if trainer[key] <= 0:
             problems.append(f"trainer.{key} must be positive, got {trainer[key]}")
+    problems += activation_plan(trainer).problems()
     if trainer.keep_checkpoints < 1:
         problems.append(f"trainer.keep_checkpoints must be at least 1, got {trainer.keep_checkpoints}")
     if trainer.precision not in ("auto", "fp32", "bf16"):
@@ -131,3 +141,13 @@ def check_config(cfg: DictConfig) -> list[str]:
     if trainer.spike_window < 1:
         problems.append(f"trainer.spike_window must be at least 1, got {trainer.spike_window}")
     return problems
+
+
+def device_problems(cfg: DictConfig, device: torch.device) -> list[str]:
+    """Problems that show once the device a rank trains on is known."""
+    if cfg.trainer.offload_activations and device.type != "cuda":
+        return [
+            "trainer.offload_activations=true needs a CUDA device, whose activations it moves to pinned host memory; "
+            f"this run trains on {device.type}, where activations already live in host memory"
+        ]
+    return []

@@ -19,7 +19,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lsys.config import check_config, model_config
+from lsys.config import activation_plan, check_config, model_config
 from lsys.generate import load_for_generation
 from lsys.models import build_model
 from lsys.train.checkpoint import Checkpointer
@@ -36,6 +36,8 @@ from tests.conftest import CONF_DIR, TINY, read_metrics, run_train, train_comman
 RTOL = 1e-5
 STEPS, MICRO_BATCH, SEQ_LEN = 20, 2, 32
 OPEN_GUARD = dict(spike_factor=None, window=1, max_grad_norm=None, max_weight_growth=None)
+# Blocks recomputed in backward (ZeRO-3 gathers and frees their weights again), a tiled loss and MLP.
+RECOMPUTED = ["trainer.activation_checkpointing=full", "trainer.loss_chunk=24", "trainer.mlp_chunk=16"]
 SETUPS = {
     "ddp": [],
     "zero0": ["parallel.engine=deepspeed", "parallel.zero_stage=0"],
@@ -43,6 +45,7 @@ SETUPS = {
     "zero2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
     "zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
     "zero2_offload": ["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.offload=optimizer"],
+    "zero3_recomputed": ["parallel.engine=deepspeed", "parallel.zero_stage=3", *RECOMPUTED],
 }
 
 
@@ -77,7 +80,7 @@ def _stages_worker(rank: int, world_size: int, out_file: str, export_dir: str) -
     for name, overrides in SETUPS.items():
         cfg = compose_config(overrides)
         torch.manual_seed(0)
-        model = build_model(model_config(cfg))
+        model = build_model(model_config(cfg), activations=activation_plan(cfg.trainer))
         engine = build_engine(model, cfg, world=world, max_steps=STEPS)
         guard = DivergenceGuard(**OPEN_GUARD)
         steps = [engine.train_step([(batch[rows, :-1], batch[rows, 1:])], guard)
@@ -107,7 +110,7 @@ def test_zero_stages_train_like_ddp_and_export_what_they_trained(tmp_path: Path)
     results = json.loads(out.read_text())
     ddp = results["ddp"]
     assert len(set(ddp["loss"])) == STEPS  # the losses move, so equality means something
-    for name in ("zero0", "zero1", "zero2", "zero3", "zero2_offload"):  # offload: DeepSpeed's CPU Adam, AdamW mode
+    for name in ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_recomputed"):  # offload: CPU Adam
         torch.testing.assert_close(results[name]["loss"], ddp["loss"], rtol=RTOL, atol=0, msg=name)
         torch.testing.assert_close(results[name]["grad_norm"], ddp["grad_norm"], rtol=RTOL, atol=0, msg=name)
         assert results[name]["weight_norm"] == pytest.approx(ddp["weight_norm"], rel=RTOL), name
@@ -304,7 +307,7 @@ SP_STEPS, SP_SEQ_LEN = 5, 64  # zigzag over sp=2 cuts 64 tokens into pieces of o
 def sp_losses(cfg, world: World, rows: slice, positions: torch.Tensor) -> tuple[list[float], dict[str, float]]:
     """The losses of SP_STEPS steps, and the bytes this rank holds (held_bytes)."""
     torch.manual_seed(0)
-    model = build_model(model_config(cfg))
+    model = build_model(model_config(cfg), activations=activation_plan(cfg.trainer))
     engine = build_engine(model, cfg, world=world, max_steps=SP_STEPS)
     guard = DivergenceGuard(**OPEN_GUARD)
     losses = [engine.train_step([(batch[rows, :-1][:, positions], batch[rows, 1:][:, positions])], guard).loss
@@ -316,9 +319,10 @@ def _dp_sp_worker(rank: int, world_size: int, out_file: str) -> None:
     os.environ["LOCAL_RANK"] = str(rank)
     world = World(rank, world_size, rank, torch.device("cpu"))
     results = {}
-    for stage in (2, 3):
-        cfg = compose_config(["parallel.engine=deepspeed", f"parallel.zero_stage={stage}", "parallel.sp=2"],
-                             seq_len=SP_SEQ_LEN)
+    # "3r": ZeRO-3 with every block recomputed in backward, its RAT-SP exchange included.
+    for stage, recompute in ((2, []), (3, []), ("3r", RECOMPUTED)):
+        cfg = compose_config(["parallel.engine=deepspeed", f"parallel.zero_stage={str(stage)[0]}", "parallel.sp=2",
+                              *recompute], seq_len=SP_SEQ_LEN)
         mesh = init_mesh(world, sp=2, sp_mode="ring", layout=cfg.parallel.layout)
         rows = slice(mesh.dp_rank * MICRO_BATCH, (mesh.dp_rank + 1) * MICRO_BATCH)
         losses, held = sp_losses(cfg, world, rows, mesh.layout.positions(mesh.sp_rank, SP_SEQ_LEN))
@@ -339,8 +343,10 @@ def test_zero2_and_zero3_over_dp2_by_sp2_train_like_one_process_and_hold_their_s
     shutdown()
     assert len(set(expected)) == SP_STEPS
     parameters = build_model(model_config(cfg)).num_params()
-    for stage in ("2", "3"):
+    for stage in ("2", "3", "3r"):
         torch.testing.assert_close(results[stage]["loss"], expected, rtol=2e-5, atol=0, msg=f"ZeRO-{stage}")
+        if stage == "3r":
+            continue
         # All 4 ranks are DeepSpeed's data-parallel group: the formulas at 4 ranks, within 5%.
         formula = training_state(parameters, engine="deepspeed", zero_stage=int(stage), offload="none", world_size=4,
                                  bf16=False)

@@ -101,6 +101,10 @@ BAD_SETTINGS = {
     "chunk size not positive": (["model.mixer_options.rat.chunk_size=0"], "chunk_size must be positive, got 0"),
     "window not positive": (["model=rat_swa_tiny", "model.mixer_options.local.window=0"], "window must be positive, got 0"),
     "S2 block below 16": (["model=s2_tiny", "model.mixer_options.s2.block_size=8"], "block_size must be at least 16, got 8"),
+    "loss chunk not positive": (["trainer.loss_chunk=0"], "trainer.loss_chunk must be a positive number of tokens"),
+    "MLP chunk not positive": (["trainer.mlp_chunk=-4"], "trainer.mlp_chunk must be a positive number of tokens"),
+    "unknown checkpointing mode": (["trainer.activation_checkpointing=some"], "must be one of none, full, mixer, every_n"),
+    "offload without recomputation": (["trainer.offload_activations=true"], "set trainer.activation_checkpointing too"),
 }
 
 

@@ -3,6 +3,7 @@
 import importlib
 import pkgutil
 
+from lsys.models.activations import ActivationPlan
 from lsys.models.config import ModelConfig
 from lsys.models.lm import LM, build_model
 from lsys.models.registry import MIXERS, register_mixer
@@ -11,4 +12,4 @@ from lsys.models.registry import MIXERS, register_mixer
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["LM", "MIXERS", "ModelConfig", "build_model", "register_mixer"]
+__all__ = ["ActivationPlan", "LM", "MIXERS", "ModelConfig", "build_model", "register_mixer"]

@@ -1,14 +1,18 @@
 """The decoder LM: embedding, blocks of pre-norm mixer and MLP, final norm, tied head."""
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from lsys.models.activations import ActivationPlan
 from lsys.models.cache import Cache
 from lsys.models.config import ModelConfig
 from lsys.models.registry import MIXERS
+from lsys.models.tiling import tiled_cross_entropy, tiled_mlp
 
 
 class MLP(nn.Module):
@@ -22,32 +26,56 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, activations: ActivationPlan = ActivationPlan()):
         super().__init__()
         name = cfg.mixer_of(layer)
         self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = MIXERS[name](cfg, **cfg.mixer_options.get(name, {}))
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.recompute = activations.recompute(layer)  # "block", "mixer" or "none"
+        self.offload = activations.offload
+        self.mlp_chunk = activations.mlp_chunk
 
     def forward(self, x: Tensor, cache: Cache | None = None, mode: str = "train") -> Tensor:
         """mode "train": the whole sequence; "prefill": a prompt into an empty cache; "decode": one token."""
-        h = self.mixer_norm(x)
         if mode == "train":
-            x = x + self.mixer(h)
-        elif mode == "prefill":
-            x = x + self.mixer.prefill(h, cache)
-        else:
-            x = x + self.mixer.decode(h, cache)
+            if self.recompute == "block" and torch.is_grad_enabled():
+                return self._recomputed(self._train, x)
+            return self._train(x)
+        h = self.mixer_norm(x)
+        x = x + (self.mixer.prefill(h, cache) if mode == "prefill" else self.mixer.decode(h, cache))
         return x + self.mlp(self.mlp_norm(x))
+
+    def _train(self, x: Tensor) -> Tensor:
+        if self.recompute == "mixer" and torch.is_grad_enabled():
+            x = x + self._recomputed(self._mix, x)
+        else:
+            x = x + self._mix(x)
+        h = self.mlp_norm(x)
+        return x + (tiled_mlp(self.mlp, h, chunk=self.mlp_chunk) if self.mlp_chunk else self.mlp(h))
+
+    def _mix(self, x: Tensor) -> Tensor:
+        return self.mixer(self.mixer_norm(x))
+
+    def _recomputed(self, fn, x: Tensor) -> Tensor:
+        """fn(x), keeping only x for backward (in pinned host memory with offload) and recomputing the rest."""
+        # The checkpoint saves its inputs through the saved-tensor hooks active here, and only them.
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda) if self.offload else nullcontext()
+        with offload:
+            return checkpoint(fn, x, use_reentrant=False)
 
 
 class LM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, activations: ActivationPlan = ActivationPlan()):
+        """`activations` says what training keeps for backward (lsys/models/activations.py); it changes no result."""
         super().__init__()
-        self.cfg = cfg
+        problems = activations.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg, self.loss_chunk = cfg, activations.loss_chunk
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, layer, activations) for layer in range(cfg.n_layers))
         self.final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.reset_parameters()
 
@@ -72,9 +100,20 @@ class LM(nn.Module):
             if reset_own is not None:
                 reset_own()
 
-    def forward(self, tokens: Tensor, caches: list[Cache] | None = None, mode: str = "train") -> Tensor:
-        """Logits `[B, T, vocab]` (fp32 or wider) for token ids `[B, T]`; with caches, `mode` is "prefill" or "decode"."""
-        return self.logits(self.hidden_states(tokens, caches, mode))
+    def forward(
+        self, tokens: Tensor, caches: list[Cache] | None = None, mode: str = "train", targets: Tensor | None = None
+    ) -> Tensor:
+        """Logits `[B, T, vocab]` (fp32 or wider) for token ids `[B, T]`; with caches, `mode` is "prefill" or "decode".
+
+        With `targets [B, T]` instead: the mean next-token cross-entropy (targets of -100 not
+        counted), over `loss_chunk` tokens at a time if the activation plan sets one.
+        """
+        hidden = self.hidden_states(tokens, caches, mode)
+        if targets is None:
+            return self.logits(hidden)
+        if self.loss_chunk:
+            return tiled_cross_entropy(hidden.flatten(0, 1), self.embed.weight, targets.flatten(), chunk=self.loss_chunk)
+        return F.cross_entropy(self.logits(hidden).flatten(0, 1), targets.flatten())
 
     def hidden_states(self, tokens: Tensor, caches: list[Cache] | None = None, mode: str = "train") -> Tensor:
         """The normed last-layer states `[B, T, d_model]` that `logits` maps to the vocabulary.
@@ -122,7 +161,9 @@ class LM(nn.Module):
         return 6 * self.num_params() + 3 * mixing
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> LM:
+def build_model(
+    cfg: ModelConfig, device: torch.device | str = "cpu", activations: ActivationPlan = ActivationPlan()
+) -> LM:
     """Build the LM on `device` (use "meta" to size a large model without memory)."""
     with torch.device(device):
-        return LM(cfg)
+        return LM(cfg, activations)

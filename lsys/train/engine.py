@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -69,8 +68,7 @@ def language_model_loss(model: nn.Module, batch: Batch, device: torch.device, au
     """Mean next-token cross-entropy of one micro-batch (every window is full)."""
     inputs, targets = batch
     with autocast:
-        logits = model(inputs.to(device, non_blocking=True))
-    return F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten())
+        return model(inputs.to(device, non_blocking=True), targets=targets.to(device, non_blocking=True))
 
 
 class DDPEngine:

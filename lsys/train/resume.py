@@ -2,7 +2,7 @@
 
 Settings sort into three kinds:
 - free: how the run is watched and how long it goes (log, eval and checkpoint cadence,
-  `trainer.max_steps`, ...): applied, and logged;
+  `trainer.max_steps`, ...) and what a step keeps for backward: applied, and logged;
 - optimizer (`optim.*`): applied to the restored optimizer and schedule only with
   `resume_overrides=apply`, refused otherwise;
 - everything else (model, data, seed, batch and world layout, ...) changes what the run
@@ -18,6 +18,8 @@ FREE = (
     "trainer.eval_batches", "trainer.eval_needle_every", "trainer.needle", "trainer.checkpoint_every",
     "trainer.keep_checkpoints", "trainer.progress_bar", "trainer.tensorboard", "trainer.spike_factor",
     "trainer.spike_window", "trainer.max_grad_norm_abort", "trainer.max_weight_growth", "trainer.skip_memory_check",
+    "trainer.activation_checkpointing", "trainer.ac_every", "trainer.loss_chunk", "trainer.mlp_chunk",
+    "trainer.offload_activations",
 )
 OPTIMIZER = ("optim",)
 RESUME_OVERRIDES = ("refuse", "apply")

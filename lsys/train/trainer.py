@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from lsys.config import ConfigError, check_config, model_config
+from lsys.config import ConfigError, activation_plan, check_config, device_problems, model_config
 from lsys.data import DataError, SequenceSlices, build_loaders, build_tokenizer
 from lsys.eval.needle import EvalError, NeedleGrid, check_grid, evaluate_needle
 from lsys.eval.report import mean_answer_loss
@@ -93,7 +93,7 @@ class Trainer:
                 self.val_loader = SequenceSlices(self.val_loader, positions)
 
         seed_everything(cfg.seed)  # the same initial weights on every rank
-        self.model = build_model(model_cfg, world.device)
+        self.model = build_model(model_cfg, world.device, activation_plan(cfg.trainer))
         # Counted before the engine, which under ZeRO-3 leaves each rank only its shards.
         self.num_params = (self.model.num_params(), self.model.num_params(exclude_embedding=True))
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
@@ -362,6 +362,9 @@ def run(cfg: DictConfig) -> int:
                 deepspeed_config(cfg, world.world_size, bf16=uses_bf16(world.device, cfg.trainer.precision))
             except DeepSpeedConfigError as error:
                 raise ConfigError(error.problems) from None
+        problems = device_problems(cfg, world.device)
+        if problems:
+            raise ConfigError(problems)
         if not cfg.trainer.skip_memory_check:
             problem = memory_problem(
                 model_config(cfg), world.device, engine=par.engine, zero_stage=par.zero_stage, offload=par.offload,
