@@ -245,7 +245,7 @@ def longest_sequences(args: argparse.Namespace) -> str:
 
 
 # The small model and options whose CPU step memory is measured against the planner.
-ACTIVATION_MODEL = dict(vocab_size=8192, d_model=128, n_layers=4, n_heads=4, ffn_dim=512, max_seq_len=32768)
+ACTIVATION_MODEL = dict(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, ffn_dim=512, max_seq_len=32768)
 ACTIVATION_MIXERS = {"rat": {"rat": {"chunk_size": 16}}, "lightning": {}, "local": {"local": {"window": 1024}}}
 ACTIVATION_OPTIONS = {
     "plain": ActivationPlan(),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lsys.config import check_config, model_config
+from lsys.config import activation_plan, check_config, model_config
 from lsys.models import build_model
 from lsys.train.engine import DDPEngine
 from lsys.train.guard import DivergenceGuard
@@ -20,6 +20,7 @@ from parallel.local_ranks import run_local_ranks
 
 MODELS = ["attn_tiny", "rat_tiny", "rat_swa_tiny", "s2_tiny", "lightning_tiny"]
 SEQ_LEN, MICRO_BATCH, STEPS = 64, 2, 5
+RECOMPUTED = ["trainer.activation_checkpointing=full", "trainer.loss_chunk=24", "trainer.mlp_chunk=16"]
 
 
 def compose_config(model: str, parallel: list[str]):
@@ -39,7 +40,8 @@ def global_batches(dp: int) -> list[torch.Tensor]:
 def train_losses(cfg, world: World, rows: slice, positions: torch.Tensor, dp: int) -> list[float]:
     """Five AdamW steps through the DDP engine on this rank's rows and token positions of fixed batches."""
     torch.manual_seed(0)
-    engine = DDPEngine(build_model(model_config(cfg)), cfg, world=world, max_steps=STEPS)
+    engine = DDPEngine(build_model(model_config(cfg), activations=activation_plan(cfg.trainer)), cfg, world=world,
+                       max_steps=STEPS)
     guard = DivergenceGuard(spike_factor=None, window=1, max_grad_norm=None, max_weight_growth=None)
     losses = []
     for batch in global_batches(dp):
@@ -52,7 +54,8 @@ def _parallel_worker(rank: int, world_size: int, sp: int, mode: str, out_file: s
     world = World(rank, world_size, 0, torch.device("cpu"))
     results = {}
     for model in MODELS:
-        cfg = compose_config(model, [f"parallel.sp={sp}", f"parallel.sp_mode={mode}"])
+        # Split over ranks and recomputed in backward (DDP, every sequence-parallel op), against one plain process.
+        cfg = compose_config(model, [f"parallel.sp={sp}", f"parallel.sp_mode={mode}", *RECOMPUTED])
         mesh = init_mesh(world, sp=sp, sp_mode=mode, layout=cfg.parallel.layout)
         rows = slice(mesh.dp_rank * MICRO_BATCH, (mesh.dp_rank + 1) * MICRO_BATCH)
         positions = mesh.layout.positions(mesh.sp_rank, SEQ_LEN)

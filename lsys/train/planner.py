@@ -134,9 +134,7 @@ def trace_step(model: ModelConfig, activations: ActivationPlan, *, seq_len: int,
         live = []  # (label, activation bytes alive) at each block boundary of the forward
 
         def activation_bytes() -> float:
-            snapshot = tracker.get_tracker_snapshot("current")
-            return sum(value for stats in snapshot.values() for kind, value in stats.items()
-                       if kind != "Total" and str(kind.value) not in NOT_ACTIVATIONS)
+            return _activation_total(tracker.get_tracker_snapshot("current"))
 
         # From before the embedding: its output is the first block's input, kept by that block.
         hooks = [lm.register_forward_pre_hook(lambda *_: live.append(("start", activation_bytes())))]
@@ -156,9 +154,13 @@ def trace_step(model: ModelConfig, activations: ActivationPlan, *, seq_len: int,
     for (_, before), (kind, after) in zip(live, live[1:]):
         kept[kind] += after - before
     kept["head"] = after_forward - live[-1][1]
-    peak_bytes = sum(value for stats in peak.values() for kind, value in stats.items()
-                     if kind != "Total" and str(kind.value) not in NOT_ACTIVATIONS)
-    return Trace(peak=peak_bytes, kept=dict(kept))
+    return Trace(peak=_activation_total(peak), kept=dict(kept))
+
+
+def _activation_total(snapshot: dict) -> float:
+    """Bytes of activations and temporaries in a MemTracker snapshot {device: {kind: bytes, "Total": bytes}}."""
+    return sum(value for stats in snapshot.values() for kind, value in stats.items()
+               if kind != "Total" and kind.value not in NOT_ACTIVATIONS)
 
 
 TraceCache = dict[tuple, Trace]
@@ -219,6 +221,8 @@ def sequence_parallel_ops(setup: Setup) -> dict[str, str]:
 def _sp_bytes(setup: Setup, op: str) -> tuple[float, float, float]:
     """(buffers held at once, bytes sent in forward, bytes sent in backward) by one layer's exchange on one rank."""
     model, sp = setup.model, setup.sp
+    if sp == 1:
+        return 0.0, 0.0, 0.0
     batch, local, width, a = setup.micro_batch, setup.local_tokens, setup.model.d_model, setup.activation_bytes
     block = batch * local * width * a  # one [B, T/sp, d] tensor
     if op == "hybrid":
