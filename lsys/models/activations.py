@@ -1,9 +1,9 @@
 """What a training step keeps for backward: which blocks are recomputed, tiled loss and MLP, offload.
 
 The trainer fills an ActivationPlan from `trainer.*` and builds the model with it; generation and
-evaluation use the default (nothing recomputed), which they never notice since they keep no
-activations for backward. None of these options changes a loss or a gradient, only what is
-held between forward and backward (and how much is computed twice):
+the needle eval build theirs with the default, and without gradients nothing is recomputed. None
+of these options changes a loss or a gradient, only what is held between forward and backward
+(and how much is computed twice):
 - checkpointing `full` recomputes each block in backward, keeping only its input; `mixer` only
   the token mixer (with its norm); `every_n` every `every`-th block (layers 0, n, 2n, ...).
 - `loss_chunk` runs the head and cross-entropy over that many tokens at a time, so `[T, vocab]`
