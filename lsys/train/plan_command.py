@@ -4,7 +4,7 @@ import sys
 
 from omegaconf import DictConfig
 
-from lsys.config import activation_plan, check_model, check_sequence_parallel, model_config, ConfigError
+from lsys.config import ConfigError, activation_plan, check_model, check_sequence_parallel, model_config
 from lsys.train.deepspeed_config import settings_problems as deepspeed_settings_problems
 from lsys.train.engine import ENGINES
 from lsys.train.planner import Plan, Setup, longest_sequence, plan, sequence_unit
@@ -19,10 +19,7 @@ def plan_setup(cfg: DictConfig) -> Setup:
     """The Setup that `cfg` (a training config plus `plan`) describes; ConfigError lists every problem."""
     settings, parallel, trainer = cfg.plan, cfg.parallel, cfg.trainer
     problems = []
-    try:
-        model = model_config(cfg)
-    except ConfigError as error:
-        raise ConfigError(error.problems) from None
+    model = model_config(cfg)  # an unknown model key raises ConfigError here
     world_size = settings.world_size if settings.world_size is not None else parallel.sp
     if settings.mode not in MODES:
         problems.append(f"plan.mode must be one of {', '.join(MODES)}, got {settings.mode!r}")
