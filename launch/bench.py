@@ -24,8 +24,6 @@ from kernels import S2Pattern
 from lsys.bench import (
     MIXER_OPTIONS,
     REPO,
-    SP_OPS,
-    analytic_bytes,
     decode_stats,
     layer_seconds,
     machine_line,
@@ -41,7 +39,7 @@ from lsys.models import ActivationPlan, ModelConfig
 from lsys.step_memory import measure_in_fresh_process
 from lsys.train.memory import training_state
 from lsys.train.plan_command import plan_setup
-from lsys.train.planner import Setup, longest_sequence, plan
+from lsys.train.planner import SP_OPS, Setup, forward_bytes, longest_sequence, plan
 
 
 def bench_train(args: argparse.Namespace) -> tuple[str, str]:
@@ -110,7 +108,7 @@ def bench_sp(args: argparse.Namespace) -> tuple[str, str]:
     ]
     for sp in (4, 8):
         for t in lengths:
-            sent = {op: analytic_bytes(op, t, sp, **big) for op in SP_OPS}
+            sent = {op: forward_bytes(op, t, sp, **big) for op in SP_OPS}
             cells = [f"{sent[op] / 2**20:,.2f} MiB" for op in SP_OPS]
             lines.append(f"| {t // 1024}K | {sp} | " + " | ".join(cells) + f" | 1/{sent['ring_attention'] / sent['rat_sp']:.0f} |")
 
@@ -124,13 +122,13 @@ def bench_sp(args: argparse.Namespace) -> tuple[str, str]:
     ]
     for op in SP_OPS:
         checks = [
-            f"{measured[sp][op]['bytes']:,} / {analytic_bytes(op, seq_len, sp, element_size=4, **small):,}"
+            f"{measured[sp][op]['bytes']:,} / {forward_bytes(op, seq_len, sp, element_size=4, **small):,}"
             for sp in (2, 4)
         ]
         times = [f"{single[op]:.2f} s"] + [f"{measured[sp][op]['seconds']:.2f} s" for sp in (2, 4)]
         counted.append(f"| {op} | " + " | ".join(checks + times) + " |")
     body = (
-        f"Forward bytes one rank sends per layer, from the formulas in `lsys/bench.py::analytic_bytes` "
+        f"Forward bytes one rank sends per layer, from the formulas in `lsys/train/planner.py::forward_bytes` (the planner's own) "
         f"(causal, zigzag layout), at rat_1b's attention shape: 16 heads of 128, bf16, RAT chunk 16, "
         f"LASP states fp32. Backward sends the same again, plus, for ring attention, dK/dV in fp32 back to their owners.\n\n" + "\n".join(lines) + "\n\n"
         f"Counted on {machine_line()} with `{args.command}`: real gloo ranks on this machine, "

@@ -158,24 +158,6 @@ def decode_stats(name: str, context: int, *, d_model: int, n_heads: int, new_tok
     return new_tokens / elapsed, model.init_caches(1, context)[0].nbytes()
 
 
-# Sequence-parallel ops: what one rank sends for one layer's forward pass.
-SP_OPS = ("ring_attention", "ulysses_attention", "rat_sp", "lasp")
-
-
-def analytic_bytes(op: str, seq_len: int, sp: int, *, heads: int, head_dim: int, chunk_size: int, element_size: int) -> int:
-    """Forward bytes one rank sends per layer (causal, zigzag layout; LASP states in fp32)."""
-    local_kv = 2 * (seq_len // sp) * heads * head_dim * element_size  # this rank's K and V
-    if op == "ring_attention":
-        return (sp - 1) * local_kv  # every rank's K/V visits every other rank
-    if op == "ulysses_attention":
-        return 2 * (sp - 1) * local_kv // sp  # q, k, v out and the output back: 4 tensors, (P-1)/P of each
-    if op == "rat_sp":
-        return (sp - 1) * local_kv // chunk_size  # one k~, v~ summary per chunk
-    if op == "lasp":
-        return (sp - 1) * 2 * heads * head_dim * head_dim * 4  # one D x D state per head per piece (2 pieces)
-    raise ValueError(f"unknown op {op!r}")
-
-
 def _sp_worker(rank: int, world_size: int, seq_len: int, heads: int, head_dim: int, chunk_size: int, out_file: str) -> None:
     group = dist.group.WORLD
     layout = SequenceLayout("zigzag", world_size)

@@ -213,9 +213,28 @@ def layer_counts(model: ModelConfig) -> dict[str, int]:
 
 def sequence_parallel_ops(setup: Setup) -> dict[str, str]:
     """Layer kind -> the op that carries it across the sp ranks."""
-    attention_op = {"ring": "ring", "ulysses": "ulysses", "hybrid": "hybrid"}[setup.sp_mode]
-    ops = {"attention": attention_op, "local": attention_op, "s2": "ulysses", "rat": "rat-sp", "lightning": "lasp"}
+    attention_op = {"ring": "ring_attention", "ulysses": "ulysses_attention", "hybrid": "hybrid"}[setup.sp_mode]
+    ops = {"attention": attention_op, "local": attention_op, "s2": "ulysses_attention", "rat": "rat_sp",
+           "lightning": "lasp"}
     return {kind: ops[kind] for kind in layer_counts(setup.model)}
+
+
+# Sequence-parallel ops, and what one rank sends for one layer's forward pass.
+SP_OPS = ("ring_attention", "ulysses_attention", "rat_sp", "lasp")
+
+
+def forward_bytes(op: str, seq_len: int, sp: int, *, heads: int, head_dim: int, chunk_size: int, element_size: int) -> int:
+    """Forward bytes one rank sends per layer and sequence (causal, zigzag layout; LASP states in fp32)."""
+    local_kv = 2 * (seq_len // sp) * heads * head_dim * element_size  # this rank's K and V
+    if op == "ring_attention":
+        return (sp - 1) * local_kv  # every rank's K/V visits every other rank
+    if op == "ulysses_attention":
+        return 2 * (sp - 1) * local_kv // sp  # q, k, v out and the output back: 4 tensors, (P-1)/P of each
+    if op == "rat_sp":
+        return (sp - 1) * local_kv // chunk_size  # one k~, v~ summary per chunk
+    if op == "lasp":
+        return (sp - 1) * 2 * heads * head_dim * head_dim * 4  # one D x D state per head per piece (2 pieces)
+    raise ValueError(f"unknown op {op!r}")
 
 
 def _sp_bytes(setup: Setup, op: str) -> tuple[float, float, float]:
@@ -223,24 +242,24 @@ def _sp_bytes(setup: Setup, op: str) -> tuple[float, float, float]:
     model, sp = setup.model, setup.sp
     if sp == 1:
         return 0.0, 0.0, 0.0
-    batch, local, width, a = setup.micro_batch, setup.local_tokens, setup.model.d_model, setup.activation_bytes
-    block = batch * local * width * a  # one [B, T/sp, d] tensor
     if op == "hybrid":
         ulysses = setup.ulysses or 1
         ring = replace(setup, sp=sp // ulysses, seq_len=setup.seq_len // ulysses)  # rings of head-sharded blocks
-        parts = [_sp_bytes(replace(setup, sp=ulysses), "ulysses"), _sp_bytes(ring, "ring")]
+        parts = [_sp_bytes(replace(setup, sp=ulysses), "ulysses_attention"), _sp_bytes(ring, "ring_attention")]
         return max(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts)
-    if op == "ring":  # K and V travel the ring; in backward dK and dV travel with them (send and receive buffers)
-        return 8 * block, 2 * (sp - 1) * block, 4 * (sp - 1) * block
-    if op == "ulysses":  # all-to-all of q, k, v in and the output back; the gradients likewise
-        return 3 * block, 4 * block * (sp - 1) / sp, 4 * block * (sp - 1) / sp
-    if op == "rat-sp":  # every rank's chunk summaries (k~, v~ in fp32) gathered, their gradients scattered back
-        chunk = model.mixer_options.get("rat", {}).get("chunk_size", 16)
-        summaries = 2 * batch * (local // chunk) * width * 4
-        return 2 * sp * summaries, (sp - 1) * summaries, (sp - 1) * summaries
-    if op == "lasp":  # one fp32 D x D state per head passes to the next rank
-        state = batch * model.n_heads * model.head_dim**2 * 4
-        return 2 * state, (sp - 1) * state, (sp - 1) * state
+    chunk = model.mixer_options.get("rat", {}).get("chunk_size", 16)
+    element = 4 if op == "rat_sp" else setup.activation_bytes  # RAT's summaries are fp32
+    sent = setup.micro_batch * forward_bytes(op, setup.seq_len, sp, heads=model.n_heads, head_dim=model.head_dim,
+                                             chunk_size=chunk, element_size=element)
+    block = setup.micro_batch * setup.local_tokens * model.d_model * setup.activation_bytes  # one [B, T/sp, d]
+    if op == "ring_attention":  # K and V travel the ring; in backward dK and dV travel with them (send and receive)
+        return 8 * block, sent, 2 * sent
+    if op == "ulysses_attention":  # all-to-all of q, k, v in and the output back; the gradients likewise
+        return 3 * block, sent, sent
+    if op == "rat_sp":  # every rank's chunk summaries gathered, their gradients scattered back
+        return 2 * sp * sent / (sp - 1), sent, sent
+    if op == "lasp":  # fp32 D x D states
+        return 2 * setup.micro_batch * model.n_heads * model.head_dim**2 * 4, sent, sent
     raise ValueError(f"unknown sequence-parallel op {op!r}")
 
 
