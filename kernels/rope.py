@@ -5,17 +5,18 @@ from torch import Tensor
 
 
 def rope_angles(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of `pos * base^(-2i/D)` for i < D/2, shaped [len(positions), D/2], float64 (cast at use)."""
+    """cos and sin of `pos * base^(-2i/D)` for i < D/2, shaped [*positions.shape, D/2], float64 (cast at use)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    angles = positions.to(torch.float64)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate `x [..., T, H, D]` by per-position angles `cos/sin [T, D/2]`: [x1*cos - x2*sin, x2*cos + x1*sin]."""
+    """Rotate `x [..., T, H, D]` by per-position angles `cos/sin [..., T, D/2]` (per row too, for per-document
+    positions): [x1*cos - x2*sin, x2*cos + x1*sin]."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos = cos[:, None, :].to(x.dtype)  # broadcast over heads
-    sin = sin[:, None, :].to(x.dtype)
+    cos = cos[..., None, :].to(x.dtype)  # broadcast over heads
+    sin = sin[..., None, :].to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

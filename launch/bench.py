@@ -8,6 +8,8 @@
                                      planner's longest trainable sequence per 80 GB GPU for the 1B models
     python launch/bench.py activations   peak memory of one CPU training step per activation option, measured
                                      in a fresh process per point, beside the planner's prediction
+    python launch/bench.py documents what keeping packed documents apart (segment_ids) costs each op on CPU,
+                                     and the share of attention tiles the kernels skip for a typical mix
 """
 
 import argparse
@@ -25,6 +27,8 @@ from lsys.bench import (
     MIXER_OPTIONS,
     REPO,
     decode_stats,
+    document_mix,
+    isolation_seconds,
     layer_seconds,
     machine_line,
     measure_training,
@@ -32,6 +36,7 @@ from lsys.bench import (
     single_device_seconds,
     sp_measurements,
     training_table,
+    visited_tile_fraction,
     write_section,
 )
 from lsys import kernel_bench
@@ -305,9 +310,37 @@ def bench_activations(args: argparse.Namespace) -> tuple[str, str]:
     return "Activation memory per training step: measured and planned", body
 
 
+def bench_documents(args: argparse.Namespace) -> tuple[str, str]:
+    lengths = args.document_lengths
+    mixes = {t: document_mix(t, median=args.document_median, seed=t) for t in lengths}
+    timings = {t: isolation_seconds(t, mixes[t], heads=args.sp_heads, head_dim=args.sp_head_dim, repeats=3)
+               for t in lengths}
+    names = list(timings[lengths[0]])
+    lines = [
+        "| op | " + " | ".join(f"T={t // 1024}K: plain / isolated (ratio)" for t in lengths) + " |",
+        "|---|" + "---|" * len(lengths),
+    ]
+    for name in names:
+        cells = [f"{plain:.3f} s / {isolated:.3f} s ({isolated / plain:.2f}x)"
+                 for plain, isolated in (timings[t][name] for t in lengths)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    documents = ", ".join(f"{int(mixes[t].max()) + 1} at {t // 1024}K" for t in lengths)
+    visited = ", ".join(f"{visited_tile_fraction(mixes[t]):.1%} at {t // 1024}K" for t in lengths)
+    body = (
+        f"Measured on {machine_line()} with `{args.command}`: torch backends, fp32, batch 1, {args.sp_heads} heads "
+        f"of {args.sp_head_dim}, forward+backward of the op alone with and without `segment_ids` (median of 3 each, "
+        "timed alternately after a warm-up). The documents: log-normal lengths, median "
+        f"{args.document_median} tokens (sigma 1, at least 8; `lsys/bench.py::document_mix`): {documents} documents. "
+        "S2 uses the 1B pattern (blocks of 64, 16 local blocks, stride 8).\n\n" + "\n".join(lines) + "\n\n"
+        f"Causal 64 x 64 attention tiles a kernel still visits when it skips tiles that hold only other documents "
+        f"(`visited_tile_fraction`): {visited} of the causal tiles."
+    )
+    return "Document isolation: cost per op on CPU", body
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["train", "mixers", "sp", "kernels", "memory", "activations"])
+    parser.add_argument("what", choices=["train", "mixers", "sp", "kernels", "memory", "activations", "documents"])
     parser.add_argument("--steps", type=int, default=60, help="train: steps per run")
     parser.add_argument("--d-model", type=int, default=256, help="mixers: model width")
     parser.add_argument("--n-heads", type=int, default=8, help="mixers: heads (>= 8 so that S2 covers the context)")
@@ -332,13 +365,16 @@ def main() -> None:
     parser.add_argument("--loss-chunk", type=int, default=4096, help="memory: trainer.loss_chunk of the 1B plans")
     parser.add_argument("--activation-lengths", nargs="+", type=int, default=[2048, 8192, 32768],
                         help="activations: sequence lengths measured")
+    parser.add_argument("--document-lengths", nargs="+", type=int, default=[4096, 16384],
+                        help="documents: window lengths measured")
+    parser.add_argument("--document-median", type=int, default=512, help="documents: median document length")
     parser.add_argument("--out", type=Path, default=REPO / "docs/perf.md")
     parser.add_argument("overrides", nargs="*", help="train: Hydra overrides passed to every run")
     args = parser.parse_args()
     args.command = shlex.join(["python", "launch/bench.py", *sys.argv[1:]])
     benches = {
         "train": bench_train, "mixers": bench_mixers, "sp": bench_sp, "kernels": bench_kernels, "memory": bench_memory,
-        "activations": bench_activations,
+        "activations": bench_activations, "documents": bench_documents,
     }
     heading, body = benches[args.what](args)
     write_section(args.out, heading, body)

@@ -206,3 +206,55 @@ def single_device_seconds(seq_len: int, *, heads: int, head_dim: int, chunk_size
         "lasp": lambda: kernels.linear_attention(q, k, v, decay=decay),
     }
     return {name: seconds(lambda op=op: op().sum().backward(), repeats=1) for name, op in ops.items()}
+
+
+def document_mix(seq_len: int, *, median: int, seed: int) -> torch.Tensor:
+    """Segment ids `[1, seq_len]` of documents with log-normal lengths (median `median`, sigma 1, at least 8 tokens),
+    the last cut to fit: a stand-in for web text packed into long windows."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < seq_len:
+        draw = torch.exp(torch.randn((), generator=generator) + float(torch.tensor(median).log()))
+        lengths.append(max(8, int(draw)))
+    lengths[-1] -= sum(lengths) - seq_len
+    return torch.cat([torch.full((n,), doc) for doc, n in enumerate(lengths) if n > 0])[None]
+
+
+def visited_tile_fraction(segment_ids: torch.Tensor, tile: int = 64) -> float:
+    """Of the causal (query tile, key tile) pairs of one row, the fraction attention still visits when
+    tiles holding only other documents are skipped (the kernels' rule: a query tile reads the keys from
+    its first row's document start on)."""
+    ids = segment_ids[0]
+    num_tiles = -(-ids.shape[0] // tile)
+    firsts = ids[::tile].contiguous()
+    starts = torch.searchsorted(ids.contiguous(), firsts)  # first key of each query tile's first document
+    visited = (torch.arange(num_tiles) - starts // tile + 1).sum().item()
+    return visited / (num_tiles * (num_tiles + 1) // 2)
+
+
+def isolation_seconds(
+    seq_len: int, segment_ids: torch.Tensor, *, heads: int, head_dim: int, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Per op (torch backends, fp32, batch 1): forward+backward seconds of plain packing and of the same
+    call with `segment_ids`, timed alternately (median of `repeats` each)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, seq_len, heads, head_dim, generator=generator, requires_grad=True) for _ in range(3))
+    g = torch.rand(1, seq_len, heads, head_dim, generator=generator).clamp(0.05, 0.95).requires_grad_()
+    decay = torch.full((heads,), 0.99)
+    s2 = kernels.S2Pattern(block_size=64, local_blocks=16, vert_stride=8, num_heads=heads)
+    ops = {
+        "attention": lambda ids: kernels.attention(q, k, v, segment_ids=ids),
+        "attention, window 1024": lambda ids: kernels.attention(q, k, v, window=1024, segment_ids=ids),
+        "s2": lambda ids: kernels.attention(q, k, v, s2=s2, segment_ids=ids),
+        "rat (L = 16)": lambda ids: kernels.rat(q, k, v, g, chunk_size=16, segment_ids=ids),
+        "linear_attention": lambda ids: kernels.linear_attention(q, k, v, decay=decay, segment_ids=ids),
+    }
+    results = {}
+    for name, op in ops.items():
+        plain, isolated = [], []
+        for ids, times in ((None, plain), (segment_ids, isolated)) * (repeats + 1):
+            start = time.perf_counter()
+            op(ids).sum().backward()
+            times.append(time.perf_counter() - start)
+        results[name] = (sorted(plain[1:])[repeats // 2], sorted(isolated[1:])[repeats // 2])  # first run warms up
+    return results

@@ -6,6 +6,7 @@ which run the kernels/ op on one device or the sequence-parallel op over the cur
 
 from parallel.comm import comm_stats, reset_comm_stats
 from parallel.dispatch import attention, linear_attention, local_positions, rat
+from parallel.documents import Documents, documents
 from parallel.lasp import lasp
 from parallel.layout import Piece, SequenceLayout
 from parallel.mesh import (
@@ -16,9 +17,8 @@ from parallel.ring import ring_attention, ring_attention_pieces
 from parallel.ulysses import hybrid_attention, ulysses_attention
 
 __all__ = [
-    "Mesh", "Piece", "SequenceLayout", "World", "attention", "barrier", "broadcast_from_main", "comm_stats",
-    "current_mesh",
-    "hybrid_attention", "init_distributed", "init_mesh", "lasp", "linear_attention", "local_positions", "rat",
-    "rat_sp", "reset_comm_stats", "ring_attention", "ring_attention_pieces", "sequence_parallel", "shutdown",
-    "ulysses_attention",
+    "Documents", "Mesh", "Piece", "SequenceLayout", "World", "attention", "barrier", "broadcast_from_main",
+    "comm_stats", "current_mesh", "documents", "hybrid_attention", "init_distributed", "init_mesh", "lasp",
+    "linear_attention", "local_positions", "rat", "rat_sp", "reset_comm_stats", "ring_attention",
+    "ring_attention_pieces", "sequence_parallel", "shutdown", "ulysses_attention",
 ]

@@ -10,6 +10,10 @@ Per call, every rank computes its pieces' zero-start states, all-gathers them on
 "lasp"), sums the earlier ones into each piece's initial state, and runs
 `kernels.linear_attention` on each piece from that state. Backward mirrors it: the
 all-gather's autograd reduce-scatters the state gradients to their owners.
+
+With the whole sequence's segment ids the state restarts at every document's first token:
+a piece's zero-start state sums only the tokens of the document its last token is in, and a
+later piece takes it up only if its first token is still in that document.
 """
 
 import torch
@@ -28,9 +32,12 @@ def _decay_powers(log_decay: Tensor, exponents: Tensor) -> Tensor:
 
 
 def lasp(
-    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, *, decay: Tensor, layout: str = "zigzag"
+    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, *, decay: Tensor, layout: str = "zigzag",
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
     """Lightning attention on this rank's `[B, T_local, H, D]` tokens of a sequence split over `group` by `layout`.
+
+    `segment_ids [B, T]`: the whole sequence's document ids, on every rank (parallel/documents.py).
 
     Each rank sends (P-1) * pieces * B * H * Dk * Dv elements forward (the same backward),
     whatever the length: pieces = 2 for zigzag, 1 for contiguous; the elements are the
@@ -52,11 +59,16 @@ def lasp(
     world = 1 if group is None else dist.get_world_size(group)
     if world == 1:
         # One rank holds the whole sequence, and both layouts keep it in order: one kernel call.
-        return kernels.linear_attention(q, k, v, decay=decay)
+        return kernels.linear_attention(q, k, v, decay=decay, segment_ids=segment_ids)
 
     local_len = q.shape[1]
     sequence = SequenceLayout(layout, world)
     pieces = sequence.pieces(dist.get_rank(group), local_len * world)
+    if segment_ids is not None and tuple(segment_ids.shape) != (q.shape[0], local_len * world):
+        raise ValueError(
+            f"lasp: segment_ids {tuple(segment_ids.shape)} must be the whole sequence's [B, T] = "
+            f"[{q.shape[0]}, {local_len * world}]"
+        )
     dtype = accumulation_dtype(q, k, v)
     log_decay = decay.to(dtype).log()  # [H]
 
@@ -66,7 +78,13 @@ def lasp(
     local_states = []
     for piece, k_piece, v_piece in zip(pieces, k_pieces, v_pieces):
         key_decay = _decay_powers(log_decay, torch.arange(piece.length - 1, -1, -1, device=q.device, dtype=dtype))
-        local_states.append(torch.einsum("bthk,th,bthv->bhkv", k_piece.to(dtype), key_decay, v_piece.to(dtype)))
+        if segment_ids is None:
+            state = torch.einsum("bthk,th,bthv->bhkv", k_piece.to(dtype), key_decay, v_piece.to(dtype))
+        else:  # only the document of the piece's last token reaches past it
+            ids = segment_ids[:, piece.start : piece.end]
+            key_weights = key_decay * (ids == ids[:, -1:])[..., None]  # [B, t, H]
+            state = torch.einsum("bthk,bth,bthv->bhkv", k_piece.to(dtype), key_weights, v_piece.to(dtype))
+        local_states.append(state)
     gathered = all_gather(torch.stack(local_states), group, "lasp")  # [P, pieces, B, H, Dk, Dv]
 
     # Global end of every gathered state, in the gathered order [P, pieces].
@@ -81,6 +99,16 @@ def lasp(
         # earlier piece exists), so every rank takes part in the backward reduce-scatter.
         lag = piece.start - ends
         weights = torch.where((lag >= 0)[..., None], _decay_powers(log_decay, lag.clamp(min=0)), 0.0)  # [P, pieces, H]
-        initial_state = torch.einsum("rnh,rnbhkv->bhkv", weights, gathered)
-        outputs.append(kernels.linear_attention(q_piece, k_piece, v_piece, decay=decay, initial_state=initial_state))
+        ids = None
+        if segment_ids is None:
+            initial_state = torch.einsum("rnh,rnbhkv->bhkv", weights, gathered)
+        else:
+            ids = segment_ids[:, piece.start : piece.end]
+            # A state counts only within one document: that of its last token and this piece's first.
+            last_ids = segment_ids[:, ends.long().clamp(min=1) - 1].permute(1, 2, 0)  # [P, pieces, B]
+            row_weights = weights[:, :, None] * (last_ids == ids[:, 0])[..., None]  # [P, pieces, B, H]
+            initial_state = torch.einsum("rnbh,rnbhkv->bhkv", row_weights, gathered)
+        outputs.append(kernels.linear_attention(
+            q_piece, k_piece, v_piece, decay=decay, initial_state=initial_state, segment_ids=ids
+        ))
     return torch.cat(outputs, dim=1)

@@ -29,6 +29,9 @@ float64 for float64 inputs):
             travel((r-s) mod P) >= s), whose partial dK/dV it passes on or sends home.
 Under causal zigzag or non-causal attention every travel is P-1: (P-1)*2n forward and
 (P-1)*(2n + 2m) backward.
+
+With the whole sequence's segment ids `[B, T]` (every rank has them: parallel/documents.py),
+each pair passes its pieces' ids to the kernel, so queries see only their own documents.
 """
 
 from dataclasses import dataclass
@@ -163,6 +166,14 @@ def _pass_kv(
     return _p2p(group, sends, recvs), arriving, _nbytes(tuple(t for t, _ in sends))
 
 
+def _pair_segments(segment_ids: Tensor | None, q_piece: Piece, k_piece: Piece) -> dict[str, Tensor]:
+    """The kernel's segment-id arguments for one (query piece, key piece) pair; none without documents."""
+    if segment_ids is None:
+        return {}
+    q_ids, k_ids = segment_ids[:, q_piece.start : q_piece.end], segment_ids[:, k_piece.start : k_piece.end]
+    return dict(segment_ids=q_ids, k_segment_ids=k_ids)
+
+
 def _merge(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """Fold a block's partial (out_b `[B, T, H, D]`, lse_b `[B, H, T]`) into the running (out, lse)."""
     block_seen, seen = lse_b > float("-inf"), lse > float("-inf")
@@ -175,7 +186,8 @@ def _merge(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tens
 
 
 def _ring_forward(
-    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, plan: _RingPlan, scale: float
+    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, plan: _RingPlan, scale: float,
+    segment_ids: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """This rank's merged (out `[B, T, H, D]` in q's dtype, lse `[B, H, T]` in the compute dtype)."""
     dtype = compute_dtype(q.dtype)
@@ -191,6 +203,7 @@ def _ring_forward(
                 out_b, lse_b = attention(
                     q[:, rows], kv[0][:, cols], kv[1][:, cols], causal=plan.causal, window=plan.window,
                     q_start=q_piece.start, k_start=k_piece.start, scale=scale, return_lse=True,
+                    **_pair_segments(segment_ids, q_piece, k_piece),
                 )
                 out[:, rows], lse[..., rows] = _merge(out[:, rows], lse[..., rows], out_b, lse_b)
         _wait(works)
@@ -202,7 +215,7 @@ def _ring_forward(
 
 def _block_grads(
     q: Tensor, kv: tuple[Tensor, Tensor], out: Tensor, lse: Tensor, dout: Tensor, dq: Tensor,
-    pairs: list[tuple[Run, Run]], plan: _RingPlan, scale: float,
+    pairs: list[tuple[Run, Run]], plan: _RingPlan, scale: float, segment_ids: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """(dK, dV) of the held block from this rank's queries; their dq is added into `dq` in place.
 
@@ -218,6 +231,7 @@ def _block_grads(
             out_b, lse_b = attention(
                 q_b, k_b, v_b, causal=plan.causal, window=plan.window,
                 q_start=q_piece.start, k_start=k_piece.start, scale=scale, return_lse=True,
+                **_pair_segments(segment_ids, q_piece, k_piece),
             )
         # The merged out is sum_b w_b out_b with w_b = exp(lse_b - lse), so d out / d out_b = w_b and
         # d out / d lse_b = w_b (out_b - out). The merged lse is finite (every query sees its own key),
@@ -236,7 +250,7 @@ def _block_grads(
 
 def _ring_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    group: dist.ProcessGroup | None, plan: _RingPlan, scale: float,
+    group: dist.ProcessGroup | None, plan: _RingPlan, scale: float, segment_ids: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of this rank's q, k, v: the K/V ring again, with dK/dV partial sums hopping along."""
     dtype = compute_dtype(q.dtype)
@@ -252,7 +266,7 @@ def _ring_backward(
         sent += nbytes
         grads = None
         if plan.holds(step):
-            grads = _block_grads(q, kv, out, lse, dout, dq, plan.pairs(plan.owner(step)), plan, scale)
+            grads = _block_grads(q, kv, out, lse, dout, dq, plan.pairs(plan.owner(step)), plan, scale, segment_ids)
         _wait(incoming_works)
         if incoming is not None:
             grads = (grads[0] + incoming[0], grads[1] + incoming[1])
@@ -286,19 +300,22 @@ def _ring_backward(
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, plan: _RingPlan, scale: float):
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, plan: _RingPlan, scale: float,
+        segment_ids: Tensor | None,
+    ):
         # Point-to-point sends need contiguous memory.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = _ring_forward(q, k, v, group, plan, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse = _ring_forward(q, k, v, group, plan, scale, segment_ids)
+        ctx.save_for_backward(q, k, v, out, lse, segment_ids)
         ctx.group, ctx.plan, ctx.scale = group, plan, scale
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.group, ctx.plan, ctx.scale)
-        return dq, dk, dv, None, None, None
+        q, k, v, out, lse, segment_ids = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.group, ctx.plan, ctx.scale, segment_ids)
+        return dq, dk, dv, None, None, None, None
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -326,8 +343,12 @@ def ring_attention_pieces(
     causal: bool = True,
     window: int | None = None,
     scale: float | None = None,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
-    """Attention of this rank's tokens over the whole sequence, where ring rank r holds `pieces[r]` (in local order)."""
+    """Attention of this rank's tokens over the whole sequence, where ring rank r holds `pieces[r]` (in local order).
+
+    `segment_ids [B, T]`: the whole sequence's document ids (kernels/segments.py), on every rank.
+    """
     _check_shapes(q, k, v)
     rank, world = _ring(group)
     if len(pieces) != world:
@@ -345,13 +366,23 @@ def ring_attention_pieces(
         )
     if window is not None and window <= 0:
         raise ValueError(f"ring_attention: window must be a positive number of keys (or None), got {window}")
+    seq_len = max(piece.end for rank_pieces in pieces for piece in rank_pieces)
+    if segment_ids is not None and (segment_ids.shape[0] != q.shape[0] or segment_ids.shape[1] < seq_len):
+        raise ValueError(
+            f"ring_attention: segment_ids {tuple(segment_ids.shape)} must be the whole sequence's [B, T], "
+            f"B = {q.shape[0]} and T >= {seq_len}"
+        )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     plan = _plan(pieces, rank, causal, window)
     if world == 1 and len(plan.runs[0]) == 1:
         # The local tokens are one run of the sequence: one kernel call, differentiated by the kernel itself.
-        start = plan.runs[0][0][1].start
-        return attention(q, k, v, causal=causal, window=window, q_start=start, k_start=start, scale=scale)
-    return _RingAttention.apply(q, k, v, group, plan, scale)
+        piece = plan.runs[0][0][1]
+        ids = None if segment_ids is None else segment_ids[:, piece.start : piece.end]
+        return attention(
+            q, k, v, causal=causal, window=window, q_start=piece.start, k_start=piece.start, scale=scale,
+            segment_ids=ids,
+        )
+    return _RingAttention.apply(q, k, v, group, plan, scale, segment_ids)
 
 
 def ring_attention(
@@ -364,19 +395,27 @@ def ring_attention(
     window: int | None = None,
     layout: str = "zigzag",
     scale: float | None = None,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
-    """Attention of this rank's `[B, T_local, H, D]` tokens over the sequence split over `group` by `layout`."""
+    """Attention of this rank's `[B, T_local, H, D]` tokens over the sequence split over `group` by `layout`.
+
+    `segment_ids [B, T]`: the whole sequence's document ids, on every rank (parallel/documents.py).
+    """
     _check_shapes(q, k, v)
     _, world = _ring(group)
     sequence = SequenceLayout(layout, world)
     seq_len = q.shape[1] * world
     if world == 1:
         # One rank holds the whole sequence in order under every layout (zigzag's two chunks are adjacent).
-        return ring_attention_pieces(q, k, v, group, [[Piece(0, seq_len)]], causal=causal, window=window, scale=scale)
+        return ring_attention_pieces(
+            q, k, v, group, [[Piece(0, seq_len)]], causal=causal, window=window, scale=scale, segment_ids=segment_ids
+        )
     if seq_len % sequence.unit():
         raise ValueError(
             f"ring_attention: the {layout} layout over {world} ranks needs T_local to be a multiple of "
             f"{sequence.pieces_per_rank}, got T_local={q.shape[1]}"
         )
     pieces = [sequence.pieces(ring_rank, seq_len) for ring_rank in range(world)]
-    return ring_attention_pieces(q, k, v, group, pieces, causal=causal, window=window, scale=scale)
+    return ring_attention_pieces(
+        q, k, v, group, pieces, causal=causal, window=window, scale=scale, segment_ids=segment_ids
+    )

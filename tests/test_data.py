@@ -3,6 +3,7 @@
 import json
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,14 +22,18 @@ from lsys.data import (
     DataConfig,
     DataError,
     PackedLoader,
+    SequenceSlices,
     StreamingLoader,
     StreamingValLoader,
     ValLoader,
     build_loaders,
     build_tokenizer,
+    segment_ids,
 )
 from lsys.data.packing import token_stream, tokenize_documents
 from lsys.data.sources import in_validation_split, load_files, load_hub, load_stdlib
+from parallel.layout import SequenceLayout
+from tests.conftest import CONF_DIR, compose_config
 
 EOS = ByteTokenizer.eos_id
 LAYOUT = {"micro_batch_size": 2, "dp_rank": 0, "dp_size": 1, "seed": 0}
@@ -395,6 +400,164 @@ def test_hub_source_streams_a_dataset_directory(jsonl_corpus):
     no_val_cfg = DataConfig(source="hub", path=str(jsonl_corpus))
     _, no_val = build_loaders(no_val_cfg, seq_len=16, tokenizer=ByteTokenizer(), **LAYOUT)
     assert no_val is None
+
+
+# --- document isolation -------------------------------------------------------------------
+
+
+def assert_same_batches(got: list[tuple[torch.Tensor, ...]], want: list[tuple[torch.Tensor, ...]]) -> None:
+    assert len(got) == len(want)
+    for got_batch, want_batch in zip(got, want):
+        assert len(got_batch) == len(want_batch)
+        assert all(torch.equal(a, b) for a, b in zip(got_batch, want_batch))
+
+
+def test_segment_ids_count_the_eos_tokens_before_each_position():
+    inputs = torch.tensor([[7, 8, EOS, 9, EOS, EOS, 5], [EOS, 1, 2, 3, 4, 5, EOS]])
+    ids = segment_ids(inputs, EOS)
+    assert ids.dtype == torch.int64 and ids.shape == inputs.shape
+    # An EOS belongs to the document it closes; the next token starts a new one.
+    assert ids.tolist() == [[0, 0, 0, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]]
+
+
+def test_segment_ids_change_exactly_after_each_document():
+    lengths = [1, 4, 2, 13, 3, 1, 6, 2, 9]  # one document spans three windows, some fit several in one
+    documents = datasets.Dataset.from_dict({"text": [chr(ord("a") + i) * n for i, n in enumerate(lengths)]})
+    stream = token_stream(tokenize_documents(documents, ByteTokenizer(), num_proc=1, desc="test"), shuffle_seed=None)
+    document_of = np.repeat(np.arange(len(lengths)), [n + 1 for n in lengths])  # each document's ids and its EOS
+    assert len(stream) == len(document_of) == 50
+
+    seq_len = 5
+    val = ValLoader(stream, seq_len=seq_len, micro_batch_size=1, dp_rank=0, dp_size=1, eos_id=EOS)
+    windows = list(val.batches(10**6))
+    assert len(windows) == 9
+    for w, (inputs, targets, ids) in enumerate(windows):
+        window_documents = torch.from_numpy(document_of[w * seq_len : (w + 1) * seq_len])
+        assert torch.equal(ids[0], window_documents - window_documents[0])  # from 0, one step per document
+        assert bool((ids.diff(dim=1) >= 0).all())
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])  # targets are not changed
+
+
+def test_every_loader_kind_emits_triples_with_isolation(corpus, jsonl_corpus):
+    map_cfg = files_cfg(str(corpus), val_fraction=0.3)
+    hub_cfg = DataConfig(name="hub", source="hub", path=str(jsonl_corpus), val_split="validation", shuffle_buffer=0)
+    kinds = set()
+    for cfg in (map_cfg, hub_cfg):
+        plain_train, plain_val = build_loaders(cfg, seq_len=16, tokenizer=ByteTokenizer(), **LAYOUT)
+        train, val = build_loaders(replace(cfg, doc_isolation=True), seq_len=16, tokenizer=ByteTokenizer(), **LAYOUT)
+        kinds |= {type(train), type(val)}
+        pairs = [next(plain_train) for _ in range(3)] + list(plain_val.batches(2))
+        triples = [next(train) for _ in range(3)] + list(val.batches(2))
+        assert_same_batches([triple[:2] for triple in triples], pairs)  # isolation only adds the ids
+        for inputs, _, ids in triples:
+            assert ids.dtype == torch.int64 and ids.shape == inputs.shape == (2, 16)
+            assert torch.equal(ids, segment_ids(inputs, EOS))
+        assert max(int(ids.max()) for _, _, ids in triples) > 0  # some windows hold several documents
+    assert kinds == {PackedLoader, ValLoader, StreamingLoader, StreamingValLoader}
+
+
+def test_streaming_and_map_style_cut_the_same_segment_ids(jsonl_corpus):
+    streamed = streaming_loader(jsonl_corpus, micro_batch_size=1, doc_isolation=True)
+    expected = [t for row in stream_of(jsonl_corpus) for t in list(row["text"].encode()) + [EOS]]
+    mapped = ValLoader(
+        np.array(expected, dtype=np.int32), seq_len=16, micro_batch_size=1, dp_rank=0, dp_size=1, eos_id=EOS
+    )
+    assert_same_batches([next(streamed) for _ in range(20)], list(mapped.batches(20)))
+
+
+def test_passkey_windows_hold_one_document_each():
+    cfg = DataConfig(name="passkey", source="passkey", num_documents=12, val_fraction=0.25, doc_isolation=True)
+    train, val = build_loaders(cfg, seq_len=160, tokenizer=ByteTokenizer(), **LAYOUT)
+    for inputs, _, ids in [next(train) for _ in range(4)] + list(val.batches(1)):
+        # The document's EOS closes the window, so the whole window is document 0.
+        assert bool(inputs[:, -1].eq(EOS).all()) and bool(ids.eq(0).all())
+
+
+@pytest.mark.parametrize("doc_isolation", [False, True])
+def test_sequence_slices_cut_every_tensor_of_the_batch(doc_isolation):
+    seq_len, layout = 8, SequenceLayout("zigzag", 2)
+    rng = np.random.default_rng(0)
+    size = 20 * seq_len + 1
+    stream = np.where(rng.random(size) < 0.2, EOS, rng.integers(0, EOS, size)).astype(np.int32)
+    eos_id = EOS if doc_isolation else None
+    loaders = {
+        "train": lambda: PackedLoader(stream, seq_len=seq_len, eos_id=eos_id, **LAYOUT),
+        "val": lambda: ValLoader(stream, seq_len=seq_len, micro_batch_size=2, dp_rank=0, dp_size=1, eos_id=eos_id),
+    }
+    first_batch = {"train": lambda loader: next(loader), "val": lambda loader: next(iter(loader.batches(1)))}
+    for kind, build in loaders.items():
+        whole = first_batch[kind](build())
+        parts = [first_batch[kind](SequenceSlices(build(), layout.positions(r, seq_len))) for r in range(2)]
+        assert len(whole) == len(parts[0]) == len(parts[1]) == (3 if doc_isolation else 2)
+        for i, tensor in enumerate(whole):
+            assert parts[0][i].shape == (2, seq_len // 2)
+            assert torch.equal(layout.unshard([part[i] for part in parts]), tensor)
+
+
+def test_isolated_loaders_resume_with_identical_triples(corpus, jsonl_corpus):
+    layout = {**LAYOUT, "micro_batch_size": 4}
+    map_cfg = files_cfg(str(corpus), doc_isolation=True)
+    builds = [
+        lambda: build_loaders(map_cfg, seq_len=200, tokenizer=ByteTokenizer(), **layout)[0],  # 3 steps an epoch
+        lambda: streaming_loader(jsonl_corpus, doc_isolation=True),
+    ]
+    for build in builds:
+        taken = 2  # mid-epoch
+        uninterrupted = build()
+        expected = [next(uninterrupted) for _ in range(taken + 4)][taken:]  # into the next epoch for map-style
+        interrupted = build()
+        for _ in range(taken):
+            next(interrupted)
+        resumed = build()
+        resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
+        got = [next(resumed) for _ in range(4)]
+        assert all(len(batch) == 3 for batch in got)
+        assert_same_batches(got, expected)
+
+
+def test_rope_restart_follows_doc_isolation_unless_set():
+    from omegaconf import OmegaConf
+
+    assert DataConfig().restarts_positions is False
+    assert DataConfig(doc_isolation=True).restarts_positions is True
+    assert DataConfig(doc_isolation=True, rope_restart=False).restarts_positions is False
+    assert DataConfig(doc_isolation=False, rope_restart=False).restarts_positions is False
+    cfg = OmegaConf.create({"doc_isolation": True, "rope_restart": None})
+    assert DataConfig.from_attrs(cfg).restarts_positions is True
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"rope_restart": True},
+            r"^data.rope_restart=true but data.doc_isolation=false: positions can only restart at document "
+            r"boundaries the loader emits; set data.doc_isolation=true$",
+        ),
+        ({"doc_isolation": "false"}, r"^data.doc_isolation must be true or false, got 'false'$"),
+        ({"doc_isolation": True, "rope_restart": "yes"}, r"^data.rope_restart must be true, false or null, got 'yes'$"),
+    ],
+)
+def test_isolation_settings_errors(settings, message):
+    with pytest.raises(DataError, match=message):
+        build_loaders(settings, seq_len=16, tokenizer=ByteTokenizer(), **LAYOUT)
+
+
+class TokenizerWithoutEos(ByteTokenizer):
+    eos_id = None
+
+
+def test_isolation_needs_a_tokenizer_with_eos(corpus):
+    cfg = files_cfg(str(corpus), doc_isolation=True)
+    with pytest.raises(DataError, match=r"needs a tokenizer with an EOS id .* TokenizerWithoutEos has none"):
+        build_loaders(cfg, seq_len=16, tokenizer=TokenizerWithoutEos(), **LAYOUT)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml")))
+def test_every_data_config_sets_the_isolation_keys(option):
+    data = compose_config([f"data={option}"]).data
+    assert "doc_isolation" in data and "rope_restart" in data  # in the yaml, not only the dataclass default
+    assert data.doc_isolation is False and data.rope_restart is None
 
 
 # --- the stdlib corpus ----------------------------------------------------------------------

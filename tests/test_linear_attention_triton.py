@@ -3,7 +3,9 @@
 Each case runs the kernels on inputs of the tested dtype and `linear_attention_naive` in
 float64 on the same values, with random upstream gradients for the output and for the
 returned state, and compares out, S_{T-1} and the gradients of q, k, v, initial_state.
-On CPU the kernels run in the Triton interpreter (fp32, fp16); bf16 runs on a GPU only.
+With segment ids the references are chunk.py with the same ids and each document run
+alone through naive.py. On CPU the kernels run in the Triton interpreter (fp32, fp16);
+bf16 runs on a GPU only.
 
 Tolerance: the shared per-dtype (atol, rtol) of tests/triton_testing.py, with atol taken
 relative to the largest reference value of each tensor (`_assert_matches`). Outputs and
@@ -17,6 +19,7 @@ import torch
 
 import kernels
 from kernels.linear_attention import triton as linear_attention_triton_module
+from kernels.linear_attention.chunk import linear_attention_chunk
 from kernels.linear_attention.naive import linear_attention_naive
 from kernels.linear_attention.triton import linear_attention_triton
 from tests.triton_testing import DEVICE, DTYPES, assert_close, gpu, needs_gpu, poison_kernel_outputs  # noqa: F401
@@ -78,19 +81,23 @@ def _assert_matches(name, got, want, dtype):
     assert_close(name, got.double() / magnitude, want / magnitude, dtype)
 
 
-def _compare(run, inputs, dtype, *, grad_out=True, grad_state=True, seed=0):
-    """Run `run` and the reference with the same upstream gradients and compare everything."""
+def _compare(run, inputs, dtype, *, grad_out=True, grad_state=True, seed=0, references=None):
+    """Run `run` once and each float64 reference ({label: fn}; naive.py by default) with the same
+    upstream gradients, and compare everything."""
+    references = {"naive": _reference} if references is None else references
     out, state, grads = _forward_backward(run, inputs, grad_out=grad_out, grad_state=grad_state, seed=seed)
-    ref_out, ref_state, ref_grads = _forward_backward(
-        _reference, inputs, grad_out=grad_out, grad_state=grad_state, seed=seed
-    )
     assert out.dtype == inputs["v"].dtype and state.dtype == torch.float32
-    _assert_matches("out", out, ref_out, dtype)
-    _assert_matches("state", state, ref_state, dtype)
-    assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         assert grad.dtype == inputs[name].dtype, f"grad {name}: dtype {grad.dtype}"
-        _assert_matches(f"grad {name}", grad, ref_grads[name], dtype)
+    for label, reference in references.items():
+        ref_out, ref_state, ref_grads = _forward_backward(
+            reference, inputs, grad_out=grad_out, grad_state=grad_state, seed=seed
+        )
+        _assert_matches(f"out vs {label}", out, ref_out, dtype)
+        _assert_matches(f"state vs {label}", state, ref_state, dtype)
+        assert grads.keys() == ref_grads.keys()
+        for name, grad in grads.items():
+            _assert_matches(f"grad {name} vs {label}", grad, ref_grads[name], dtype)
 
 
 def _public_op(return_state: bool):
@@ -178,11 +185,95 @@ def test_gradient_of_one_input(wanted):
     _assert_matches(f"grad {wanted}", got, want, torch.float32)
 
 
-def test_auto_runs_torch_on_cpu(monkeypatch):
+def _packed_segment_ids(seq_len, block_size, *, seed, dtype):
+    """`[2, T]` ids: row 0 packs documents of random lengths, row 1 is one document.
+
+    Row 0 opens with documents of 1, 2 and 3 tokens and one that ends on the first block
+    boundary, so the next one starts exactly at it; then lengths up to two blocks and a bit
+    (crossing block and segment boundaries), every third one at most 3 tokens. Ids start
+    above 0 and the rows' ids overlap, as nothing requires otherwise.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [1, 2, 3, block_size - 6]
+    while sum(lengths) < seq_len:
+        longest = 3 if len(lengths) % 3 == 0 else 2 * block_size + 3
+        lengths.append(int(torch.randint(1, longest + 1, (1,), generator=gen)))
+    lengths[-1] -= sum(lengths) - seq_len
+    packed = 5 + torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    one_document = torch.full((seq_len,), 7)
+    return torch.stack([packed, one_document]).to(device=DEVICE, dtype=dtype)
+
+
+def _blocked_reference(segment_ids):
+    """chunk.py in float64 with the same segment ids, as fn(**inputs) -> (out, state)."""
+
+    def run(**inputs):
+        as64 = {name: t.double() if t is not None else None for name, t in inputs.items()}
+        return linear_attention_chunk(**as64, segment_ids=segment_ids)
+
+    return run
+
+
+def _each_document_alone(segment_ids):
+    """naive.py in float64 on each document by itself, outputs put back in place: what segment ids mean.
+
+    A row's first document starts from its initial_state; its last one gives the final state.
+    """
+
+    def run(q, k, v, decay, initial_state):
+        outs, states = [], []
+        for row, ids in enumerate(segment_ids):
+            _, lengths = torch.unique_consecutive(ids, return_counts=True)
+            pieces, start = [], 0
+            for index, length in enumerate(lengths.tolist()):
+                span = slice(start, start + length)
+                initial = initial_state[row : row + 1] if initial_state is not None and index == 0 else None
+                out, state = _reference(q=q[row : row + 1, span], k=k[row : row + 1, span], v=v[row : row + 1, span],
+                                        decay=decay, initial_state=initial)
+                pieces.append(out)
+                start += length
+            outs.append(torch.cat(pieces, dim=1))
+            states.append(state)
+        return torch.cat(outs), torch.cat(states)
+
+    return run
+
+
+# Small blocks and segments put every launch (segment states, their scan, the reverse scan)
+# under the documents' masks at T ~ 150; T = 128 makes the blocks of the reverse passes
+# start on the same tokens as the forward's, so a document starts at a block boundary in
+# both directions. "public" runs the op with its own 64-row blocks.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seq_len,block_size,segment_blocks,decays,initial_dtype,ids_dtype", [
+    pytest.param(150, 16, 2, [0.9, 1.0], torch.float32, torch.int64, id="T150-b16-5segments-fp32state-int64"),
+    pytest.param(128, 16, 2, [1.0, 0.8], None, torch.int32, id="T128-b16-4segments-nostate-int32"),
+    pytest.param(150, None, None, [0.99, 0.5], "input", torch.int64, id="T150-public-op-inputstate"),
+])
+def test_documents_match_torch_and_each_alone(seq_len, block_size, segment_blocks, decays, initial_dtype, ids_dtype,
+                                              dtype):
+    """segment_ids: out, final state and every gradient equal chunk.py's and each document's alone."""
+    initial_dtype = dtype if initial_dtype == "input" else initial_dtype
+    inputs = _inputs(2, seq_len, 2, 16, 16, decays, dtype=dtype, initial_dtype=initial_dtype, seed=seq_len + 3)
+    segment_ids = _packed_segment_ids(seq_len, block_size or 64, seed=seq_len, dtype=ids_dtype)
+
+    def run(**x):
+        if block_size is None:
+            return kernels.linear_attention(**x, segment_ids=segment_ids, return_state=True, backend="triton")
+        return linear_attention_triton(**x, segment_ids=segment_ids, block_size=block_size,
+                                       segment_blocks=segment_blocks)
+
+    references = {"chunk.py": _blocked_reference(segment_ids), "each alone": _each_document_alone(segment_ids)}
+    _compare(run, inputs, dtype, seed=seq_len, references=references)
+
+
+@pytest.mark.parametrize("with_segment_ids", [False, True], ids=["plain", "segment-ids"])
+def test_auto_runs_torch_on_cpu(with_segment_ids, monkeypatch):
     """No silent Triton on CPU tensors, even under the interpreter."""
     monkeypatch.setattr(linear_attention_triton_module, "linear_attention_triton", _never_called)
     inputs = _inputs(1, 20, 2, 16, 16, [0.9, 1.0], dtype=torch.float32, initial_dtype=torch.float32, seed=5)
     inputs = {name: t.cpu() for name, t in inputs.items()}
+    if with_segment_ids:
+        inputs["segment_ids"] = torch.tensor([[0] * 6 + [1] * 14])
     out, state = kernels.linear_attention(**inputs, return_state=True)
     want_out, want_state = kernels.linear_attention(**inputs, return_state=True, backend="torch")
     assert torch.equal(out, want_out) and torch.equal(state, want_state)
@@ -209,6 +300,8 @@ def _good_inputs():
     pytest.param(lambda x: {"k": x["k"].half()}, r"q, k, v must share one dtype", id="mixed-dtypes"),
     pytest.param(lambda x: {"decay": x["decay"].clone().requires_grad_(True)},
                  r"decay requires grad and the Triton kernels do not differentiate it", id="decay-requires-grad"),
+    pytest.param(lambda x: {"segment_ids": torch.zeros(1, 19, dtype=torch.long, device=DEVICE)},
+                 r"segment_ids of shape \(1, 19\) does not match the sequence", id="segment-ids-shape"),
 ])
 def test_bad_input_raises_before_any_launch(change, message, monkeypatch):
     monkeypatch.setattr(linear_attention_triton_module, "linear_attention_triton", _never_called)
@@ -229,10 +322,10 @@ def test_learned_decay_runs_torch_under_auto(monkeypatch):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("moved", ["v", "decay", "initial_state"])
+@pytest.mark.parametrize("moved", ["v", "decay", "initial_state", "segment_ids"])
 def test_device_mismatch_raises(moved, monkeypatch):
     monkeypatch.setattr(linear_attention_triton_module, "linear_attention_triton", _never_called)
-    inputs = _good_inputs()
+    inputs = {**_good_inputs(), "segment_ids": torch.zeros(1, 20, dtype=torch.long, device=DEVICE)}
     inputs[moved] = inputs[moved].cpu()
-    with pytest.raises(ValueError, match=r"(different devices|decay is on cpu)"):
+    with pytest.raises(ValueError, match=r"(different devices|decay is on cpu|segment_ids are on cpu)"):
         kernels.linear_attention(**inputs, backend="triton")

@@ -6,6 +6,8 @@ so an element a kernel forgets to write fails. Shapes are small: T of 5..150 is 
 the 64-token tiles nor of the 16-summary tiles the interpreter runs, and the longer cases go
 through several of each, masked and unmasked. Every chunk size (8, 16, 32, 64) and head dim
 (32, 64, 128) is covered, with and without RoPE, with prefix summaries and chunk_start > 0.
+Packed documents (segment_ids) are checked against the torch `rat_documents` and against each
+document run alone, and a piece with document_offset and initial_state against `rat_documents`.
 
 Tolerances: the shared per-dtype (atol, rtol) of tests/triton_testing.py, with atol multiplied
 by the largest magnitude of the compared tensor (when above 1): RAT gradients reach ~10 (dg sums
@@ -201,6 +203,123 @@ def test_lse_and_summaries_outputs_and_their_gradients(seq_len, num_prefix, chun
             _assert_close_to_magnitude(f"d{name} ({', '.join(used)})", got_grad, want_grad, torch.float32)
 
 
+# --------------------------------------------------------------------------------------------- #
+# Packed documents (segment_ids): the kernels on the documents realigned to the chunk grid
+# --------------------------------------------------------------------------------------------- #
+def _random_lengths(total: int, chunk_size: int, seed: int) -> list[int]:
+    """Document lengths summing to `total`: first 1 and L - 1 (shorter than a chunk), then random in 1..5L,
+    so that documents cross chunk boundaries and the realigned 64-token query tiles and 16-summary tiles."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [1, chunk_size - 1]
+    while sum(lengths) < total:
+        lengths.append(int(torch.randint(1, 5 * chunk_size + 1, (1,), generator=generator)))
+    lengths[-1] -= sum(lengths) - total
+    return [n for n in lengths if n > 0]
+
+
+def _segment_ids(rows: list[list[int]]) -> torch.Tensor:
+    """`[B, T]` ids from each row's document lengths."""
+    return torch.stack([torch.cat([torch.full((n,), doc) for doc, n in enumerate(row)]) for row in rows]).to(DEVICE)
+
+
+def _each_document_alone(q, k, v, g, *, segment_ids, chunk_size, rope_base):
+    """The definition: rat_naive and naive.chunk_summaries on every document by itself, put back in place;
+    each row's summaries in the slots of `chunk_end_slots` (its complete chunks in order, then zeros)."""
+    out, lse = rat_naive(q, k, v, g, chunk_size=chunk_size, rope_base=rope_base, return_lse=True,
+                         segment_ids=segment_ids)
+    batch, seq_len, heads, head_dim = k.shape
+    slots = -(-seq_len // chunk_size)
+    summaries = []
+    for row in range(batch):
+        _, lengths = torch.unique_consecutive(segment_ids[row], return_counts=True)
+        documents = zip(*(x[row : row + 1].split(lengths.tolist(), dim=1) for x in (k, v, g)))
+        pieces = [naive.chunk_summaries(*document, chunk_size=chunk_size, rope_base=rope_base)
+                  for document in documents]
+        row_k, row_v = (torch.cat([piece[i] for piece in pieces], dim=1) for i in (0, 1))
+        empty = row_k.new_zeros(1, slots - row_k.shape[1], heads, head_dim)
+        summaries.append((torch.cat([row_k, empty], dim=1), torch.cat([row_v, empty], dim=1)))
+    return out, lse, torch.cat([s[0] for s in summaries]), torch.cat([s[1] for s in summaries])
+
+
+def _check_outputs_and_grads(triton_fn, references: dict, inputs: dict, gen, dtype) -> None:
+    """Triton on `inputs` against each float64 reference: the four outputs, and every input's gradient with
+    one random upstream gradient through all four."""
+    names = ("out", "lse", "summary_k", "summary_v")
+
+    def run(fn, tensors):
+        leaves = {name: _strided_leaf(t) for name, t in tensors.items()}
+        return leaves, fn(**leaves)
+
+    def grads(leaves, outputs):
+        total = sum((o * u.to(o.dtype)).sum() for o, u in zip(outputs, upstream))
+        found = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+        # An input that reaches no output (a carried state no row takes up) has gradient zero.
+        return {name: torch.zeros_like(leaves[name]) if grad is None else grad for name, grad in zip(leaves, found)}
+
+    got_leaves, got = run(triton_fn, inputs)
+    upstream = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE) for o in got]
+    got_grads = grads(got_leaves, got)
+    assert got[0].dtype == inputs["v"].dtype
+    for reference_name, reference in references.items():
+        want_leaves, want = run(reference, {name: t.double() for name, t in inputs.items()})
+        want_grads = grads(want_leaves, want)
+        for name, a, b in zip(names, got, want):
+            _assert_close_to_magnitude(f"{name} vs {reference_name}", a, b, dtype)
+        for name, grad in got_grads.items():
+            assert grad.dtype == inputs[name].dtype, name
+            _assert_close_to_magnitude(f"d{name} vs {reference_name}", grad, want_grads[name], dtype)
+
+
+# (chunk_size, seq_len, single_row): one row holds documents of random lengths, the other (single_row) one document
+DOCUMENT_CASES = [
+    # The long document of row 0 makes realigned query tiles whose summary tiles every row sees in full.
+    pytest.param(8, 200, 0, id="L8-T200"),
+    pytest.param(16, 120, 1, id="L16-T120"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk_size, seq_len, single_row", DOCUMENT_CASES)
+def test_documents_match_torch_and_each_document_alone(chunk_size, seq_len, single_row, dtype):
+    """segment_ids on the Triton backend: out, lse, summaries and dq, dk, dv, dg as rat_documents and as the
+    definition (each document run alone) give them."""
+    rows = [_random_lengths(seq_len, chunk_size, seed=seq_len)]
+    rows.insert(single_row, [seq_len])
+    segment_ids = _segment_ids(rows)
+    inputs, gen = _inputs(2, seq_len, 1, 32, None, dtype, seed=chunk_size)  # one head: the interpreter's time
+    options = dict(chunk_size=chunk_size, rope_base=10000.0, segment_ids=segment_ids)
+
+    def with_backend(backend):
+        return lambda **t: rat(**t, **options, return_lse=True, return_summaries=True, backend=backend)
+
+    references = {
+        "rat_documents": with_backend("torch"),
+        "each alone": lambda **t: _each_document_alone(**t, **options),
+    }
+    _check_outputs_and_grads(with_backend("triton"), references, inputs, gen, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_documents_piece_with_offset_and_initial_state(dtype):
+    """A piece of a longer sequence (RAT-SP): each row's first document began document_offset tokens earlier, and
+    its first chunk takes up the carried state. Offsets 13 and 7 continue a chunk (7: the first token ends it);
+    16 starts one, where nothing is carried. The model's mix: fp32 gate and state with `dtype` q, k, v."""
+    chunk_size, seq_len = 8, 40
+    rows = [[12, *_random_lengths(seq_len - 12, chunk_size, seed=4)], [seq_len], [3, 20, 17]]
+    segment_ids = _segment_ids(rows)
+    inputs, gen = _inputs(3, seq_len, 2, 32, None, dtype, seed=9, gate_dtype=torch.float32)
+    inputs["initial_k"], inputs["initial_v"] = (torch.randn(3, 2, 32, generator=gen).to(DEVICE) for _ in range(2))
+    document_offset = torch.tensor([13, 16, 7], device=DEVICE)
+
+    def with_backend(backend):
+        def run(q, k, v, g, initial_k, initial_v):
+            return rat(q, k, v, g, chunk_size=chunk_size, segment_ids=segment_ids, document_offset=document_offset,
+                       initial_state=(initial_k, initial_v), return_lse=True, return_summaries=True, backend=backend)
+        return run
+
+    _check_outputs_and_grads(with_backend("triton"), {"rat_documents": with_backend("torch")}, inputs, gen, dtype)
+
+
 def _no_triton(*args, **kwargs):
     raise AssertionError("the Triton kernels were launched")
 
@@ -215,6 +334,11 @@ def test_auto_runs_torch_on_cpu(monkeypatch):
     kvg = {name: cpu_inputs[name] for name in "kvg"}
     summaries = chunk_summaries(**kvg, chunk_size=8, backend="auto")
     torch.testing.assert_close(summaries, chunk_summaries(**kvg, chunk_size=8, backend="torch"), rtol=0, atol=0)
+    monkeypatch.setattr(rat_triton_module, "rat_documents_triton", _no_triton)
+    segment_ids = torch.tensor([[0] * 7 + [1] * 13])
+    out = rat(**cpu_inputs, chunk_size=8, segment_ids=segment_ids, backend="auto")
+    torch.testing.assert_close(out, rat(**cpu_inputs, chunk_size=8, segment_ids=segment_ids, backend="torch"),
+                               rtol=0, atol=0)
 
 
 def test_auto_falls_back_to_torch_for_other_chunk_sizes(monkeypatch):

@@ -7,6 +7,7 @@ from torch import Tensor
 from kernels.attention.naive import attention_naive, visible_mask
 from kernels.attention.s2 import S2Pattern
 from kernels.backend import BACKENDS, pick_backend
+from kernels.segments import check_segment_ids
 
 __all__ = ["attention", "S2Pattern", "BACKENDS"]
 
@@ -62,10 +63,16 @@ def attention(
     q_start: int = 0,
     k_start: int = 0,
     scale: float | None = None,
+    segment_ids: Tensor | None = None,
+    k_segment_ids: Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of q `[B, Tq, H, D]` over k, v `[B, Tk, H, D]` at global positions; see kernels/attention/naive.py.
+
+    `segment_ids [B, Tq]` (kernels/segments.py) keeps each query to the keys of its own
+    document; `k_segment_ids [B, Tk]` are the keys' ids when the keys are not the queries' own
+    tokens (another rank's block in ring attention). With S2 the keys must be the queries' tokens.
 
     Returns out `[B, Tq, H, D]` in q's dtype, and with `return_lse` also lse `[B, H, Tq]`,
     fp32 (float64 for float64 inputs). Rows that see no key give out 0 and lse -inf.
@@ -78,8 +85,11 @@ def attention(
     score matrix.
     """
     _check_inputs(q, k, v, causal, window, s2, q_start, k_start)
+    k_segment_ids = _check_segments(q, k, s2, q_start, k_start, segment_ids, k_segment_ids)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     options = dict(causal=causal, window=window, s2=s2, q_start=q_start, k_start=k_start, scale=scale)
+    if segment_ids is not None:
+        options.update(segment_ids=segment_ids, k_segment_ids=k_segment_ids)
     if pick_backend("attention", backend, {"q": q, "k": k, "v": v}, head_dims=TRITON_HEAD_DIMS) == "triton":
         # Imported here: Triton fixes interpreter vs compiled when the kernels are decorated.
         from kernels.attention.triton import attention_triton
@@ -90,10 +100,44 @@ def attention(
     return (out, lse) if return_lse else out
 
 
+def _check_segments(
+    q: Tensor, k: Tensor, s2: S2Pattern | None, q_start: int, k_start: int,
+    segment_ids: Tensor | None, k_segment_ids: Tensor | None,
+) -> Tensor | None:
+    """The keys' segment ids (the queries' own when the keys are the queries' tokens); raises on bad ones."""
+    if segment_ids is None:
+        if k_segment_ids is not None:
+            raise ValueError("attention: k_segment_ids given without segment_ids for the queries")
+        return None
+    batch, q_len = q.shape[:2]
+    check_segment_ids(segment_ids, batch, q_len, "attention", device=q.device)
+    same_tokens = q_start == k_start and q_len == k.shape[1]
+    if k_segment_ids is None:
+        if not same_tokens:
+            raise ValueError(
+                "attention: the keys are not the queries' tokens (other start or length); pass their k_segment_ids"
+            )
+        return segment_ids
+    check_segment_ids(k_segment_ids, batch, k.shape[1], "attention", "k_segment_ids", device=q.device)
+    if s2 is not None:
+        raise ValueError("attention: S2 with segment ids needs the keys to be the queries' tokens; omit k_segment_ids")
+    return k_segment_ids
+
+
 def _attention_torch(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool, window: int | None, s2: S2Pattern | None,
     q_start: int, k_start: int, scale: float, return_lse: bool,
+    segment_ids: Tensor | None = None, k_segment_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
+    options = dict(causal=causal, window=window, s2=s2, scale=scale)
+    if segment_ids is not None:
+        if k_segment_ids is segment_ids:
+            # Keys are the queries' tokens: each document by itself, as its definition says (and,
+            # like FlashAttention's variable-length calls, with no work on pairs across documents).
+            return _each_document(q, k, v, segment_ids, return_lse=return_lse, **options)
+        return attention_naive(
+            q, k, v, **options, q_start=q_start, k_start=k_start, segment_ids=segment_ids, k_segment_ids=k_segment_ids
+        )
     # Without lse, and with offsets that cannot shift the causal diagonal (every query then sees
     # at least its own key), this is SDPA: exactly, without window or S2; with a boolean mask of
     # the pattern for short sequences, where one fused call beats the chunked reference.
@@ -102,9 +146,7 @@ def _attention_torch(
         mask = None
         if window is not None or s2 is not None:
             if q.shape[1] * k.shape[1] > MASKED_SDPA_MAX_SCORES:
-                return attention_naive(
-                    q, k, v, causal=causal, window=window, s2=s2, q_start=q_start, k_start=k_start, scale=scale
-                )
+                return attention_naive(q, k, v, **options, q_start=q_start, k_start=k_start)
             positions = torch.arange(q_start, q_start + q.shape[1], device=q.device)
             mask = visible_mask(positions, positions, causal=causal, window=window, s2=s2, heads=q.shape[2])
         out = F.scaled_dot_product_attention(
@@ -112,4 +154,19 @@ def _attention_torch(
             is_causal=causal and mask is None, scale=scale,
         )
         return out.transpose(1, 2), None
-    return attention_naive(q, k, v, causal=causal, window=window, s2=s2, q_start=q_start, k_start=k_start, scale=scale)
+    return attention_naive(q, k, v, **options, q_start=q_start, k_start=k_start)
+
+
+def _each_document(
+    q: Tensor, k: Tensor, v: Tensor, segment_ids: Tensor, *, return_lse: bool, **options
+) -> tuple[Tensor, Tensor | None]:
+    """The torch backend on every document of every row alone (positions from its start), put back in place."""
+    outs, lses = [], []
+    for row in range(q.shape[0]):
+        lengths = torch.unique_consecutive(segment_ids[row], return_counts=True)[1].tolist()
+        pieces = zip(*(x[row : row + 1].split(lengths, dim=1) for x in (q, k, v)))
+        results = [_attention_torch(*piece, q_start=0, k_start=0, return_lse=return_lse, **options) for piece in pieces]
+        outs.append(torch.cat([out for out, _ in results], dim=1))
+        if return_lse:
+            lses.append(torch.cat([lse for _, lse in results], dim=-1))
+    return torch.cat(outs), torch.cat(lses) if return_lse else None

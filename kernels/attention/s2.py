@@ -53,7 +53,10 @@ class S2Pattern:
         return q_block - k_block < self.local_blocks or (k_block + head * self.step) % self.vert_stride == 0
 
     def token_mask(self, q_positions: Tensor, k_positions: Tensor, heads: int) -> Tensor:
-        """Bool `[heads, Tq, Tk]`: S2 visibility (with token causality) for heads head_start..head_start+heads-1."""
+        """Bool `[..., heads, Tq, Tk]`: S2 visibility (with token causality) for heads head_start..head_start+heads-1.
+
+        Positions are `[Tq]`, `[Tk]`, or per batch row `[B, Tq]`, `[B, Tk]`.
+        """
         if self.head_start + heads > self.num_heads:
             raise ValueError(
                 f"S2 pattern has {self.num_heads} heads; local heads {self.head_start}..{self.head_start + heads - 1} "
@@ -62,10 +65,10 @@ class S2Pattern:
         q_blocks = q_positions // self.block_size
         k_blocks = k_positions // self.block_size
         head_ids = torch.arange(self.head_start, self.head_start + heads, device=k_positions.device)
-        causal = k_positions[None, :] <= q_positions[:, None]  # token level; implies k_block <= q_block
-        local = (q_blocks[:, None] - k_blocks[None, :]) < self.local_blocks  # [Tq, Tk]
-        strided = (k_blocks[None, :] + head_ids[:, None] * self.step) % self.vert_stride == 0  # [heads, Tk]
-        return causal[None] & (local[None] | strided[:, None, :])
+        causal = k_positions[..., None, :] <= q_positions[..., :, None]  # token level; implies k_block <= q_block
+        local = (q_blocks[..., :, None] - k_blocks[..., None, :]) < self.local_blocks  # [..., Tq, Tk]
+        strided = (k_blocks[..., None, :] + head_ids[:, None] * self.step) % self.vert_stride == 0  # [..., heads, Tk]
+        return causal[..., None, :, :] & (local[..., None, :, :] | strided[..., :, None, :])
 
     def covers_all_blocks(self) -> bool:
         """Whether the union of all num_heads heads sees every causal block pair, at any sequence length."""

@@ -13,6 +13,7 @@ from torch import Tensor
 from kernels.backend import BACKENDS, pick_backend
 from kernels.linear_attention.chunk import linear_attention_chunk
 from kernels.linear_attention.naive import linear_attention_naive
+from kernels.segments import check_segment_ids
 
 __all__ = ["linear_attention", "linear_attention_chunk", "linear_attention_naive"]
 
@@ -26,10 +27,14 @@ def linear_attention(
     *,
     decay: Tensor,
     initial_state: Tensor | None = None,
+    segment_ids: Tensor | None = None,
     return_state: bool = False,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """S_t = λ_h S_{t-1} + k_t^T v_t, o_t = q_t S_t on `[B, T, H, D]`; returns out, or (out, S_{T-1}).
+
+    `segment_ids [B, T]` (kernels/segments.py): the state restarts at each document's first
+    token; `initial_state` then belongs to the first document and S_{T-1} is the last one's.
 
     `backend`: "torch" (chunk.py), "triton" (triton.py), or "auto" (Triton on CUDA when it
     can take the inputs). The Triton backend treats `decay` as a fixed buffer and gives it
@@ -38,12 +43,18 @@ def linear_attention(
     if backend not in BACKENDS:
         raise ValueError(f"linear_attention: unknown backend {backend!r}; choose one of {BACKENDS}")
     _check_inputs(q, k, v, decay, initial_state)
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, q.shape[0], q.shape[1], "linear_attention", device=q.device)
     if _pick_backend(backend, q, k, v, decay, initial_state) == "triton":
         from kernels.linear_attention.triton import linear_attention_triton  # Triton reads TRITON_INTERPRET on import
 
-        out, state = linear_attention_triton(q, k, v, decay=decay, initial_state=initial_state)
+        out, state = linear_attention_triton(
+            q, k, v, decay=decay, initial_state=initial_state, segment_ids=segment_ids
+        )
     else:
-        out, state = linear_attention_chunk(q, k, v, decay=decay, initial_state=initial_state)
+        out, state = linear_attention_chunk(
+            q, k, v, decay=decay, initial_state=initial_state, segment_ids=segment_ids
+        )
     return (out, state) if return_state else out
 
 

@@ -12,6 +12,8 @@ from torch import Tensor
 
 from kernels.backend import BACKENDS, pick_backend
 from kernels.rat.chunk import chunk_summaries_chunk, rat_chunk
+from kernels.rat.documents import rat_documents
+from kernels.segments import check_segment_ids
 
 __all__ = ["rat", "chunk_summaries"]
 
@@ -30,6 +32,9 @@ def rat(
     prefix_k: Tensor | None = None,
     prefix_v: Tensor | None = None,
     chunk_start: int = 0,
+    segment_ids: Tensor | None = None,
+    document_offset: Tensor | None = None,
+    initial_state: tuple[Tensor, Tensor] | None = None,
     return_lse: bool = False,
     return_summaries: bool = False,
     backend: str = "auto",
@@ -41,6 +46,13 @@ def rat(
     own state) in fp32 (float64 for float64 inputs), for merging with attention over more
     summaries; `return_summaries`: the rotated summaries `(k~, v~) [B, T // L, H, D]` of the
     complete chunks, as `chunk_summaries` gives them, from the same scan. All are differentiable.
+
+    `segment_ids [B, T]` (kernels/segments.py): each document runs as if alone, its chunks
+    counted from its own first token (kernels/rat/documents.py); summaries then come in the
+    slots of `documents.chunk_end_slots`. For a piece of a longer sequence, `document_offset
+    [B]` is how many tokens of the first document came before it and `initial_state` (k~, v~)
+    `[B, H, D]` the running state there; prefixes and chunk_start do not apply. The Triton backend
+    runs the documents realigned to its chunk grid (kernels/rat/realign.py), at one host sync a call.
     """
     if backend not in BACKENDS:
         raise ValueError(f"rat: unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -65,6 +77,27 @@ def rat(
                 f"rat: prefix_k and prefix_v must share one [B, C0, H, D] shape with B, H, D = {batch}, {heads}, "
                 f"{head_dim} of q, got {tuple(prefix_k.shape)}, {tuple(prefix_v.shape)}"
             )
+
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, q.shape[0], q.shape[1], "rat", device=q.device)
+        if prefix_k is not None or chunk_start:
+            raise ValueError("rat: with segment_ids, chunks count from each document's start; "
+                             "pass document_offset and initial_state, not prefix_k/prefix_v/chunk_start")
+        _check_piece(q, document_offset, initial_state)
+        documents = dict(chunk_size=chunk_size, rope_base=rope_base, segment_ids=segment_ids,
+                         document_offset=document_offset, initial_state=initial_state)
+        initial_k, initial_v = (None, None) if initial_state is None else initial_state
+        tensors = {"q": q, "k": k, "v": v, "g": g, "initial_k": initial_k, "initial_v": initial_v}
+        if _pick("rat", backend, tensors, chunk_size) == "triton":
+            from kernels.rat.triton import rat_documents_triton  # lazy, as below
+
+            out, lse, summary_k, summary_v = rat_documents_triton(q, k, v, g, **documents)
+        else:
+            out, lse, summary_k, summary_v = rat_documents(q, k, v, g, **documents)
+        extra = ((lse,) if return_lse else ()) + ((summary_k, summary_v) if return_summaries else ())
+        return (out, *extra) if extra else out
+    if document_offset is not None or initial_state is not None:
+        raise ValueError("rat: document_offset and initial_state go with segment_ids")
 
     tensors = {"q": q, "k": k, "v": v, "g": g, "prefix_k": prefix_k, "prefix_v": prefix_v}
     options = dict(chunk_size=chunk_size, rope_base=rope_base, prefix_k=prefix_k, prefix_v=prefix_v,
@@ -104,6 +137,19 @@ def chunk_summaries(
 
         return chunk_summaries_triton(k, v, g, chunk_size=chunk_size, rope_base=rope_base, chunk_start=chunk_start)
     return chunk_summaries_chunk(k, v, g, chunk_size=chunk_size, rope_base=rope_base, chunk_start=chunk_start)
+
+
+def _check_piece(q: Tensor, document_offset: Tensor | None, initial_state: tuple[Tensor, Tensor] | None) -> None:
+    """Raise a one-line ValueError unless the offset is `[B]` and the state a pair of `[B, H, D]` tensors."""
+    batch, _, heads, head_dim = q.shape
+    if document_offset is not None and tuple(document_offset.shape) != (batch,):
+        raise ValueError(f"rat: document_offset must be [B] = [{batch}], got {tuple(document_offset.shape)}")
+    if initial_state is not None:
+        shapes = [tuple(x.shape) for x in initial_state] if len(initial_state) == 2 else None
+        if shapes != [(batch, heads, head_dim)] * 2:
+            raise ValueError(
+                f"rat: initial_state must be (k~, v~), each [B, H, D] = [{batch}, {heads}, {head_dim}], got {shapes}"
+            )
 
 
 def _pick(op: str, backend: str, tensors: dict[str, Tensor | None], chunk_size: int) -> str:

@@ -59,36 +59,42 @@ def _scan(gates: Tensor, values: Tensor, *, reverse: bool = False) -> Tensor:
 
 class _GatedChunkScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        states = _scan(g, torch.addcmul(x, g, x, value=-1))  # b_t = (1 - g_t) x_t
-        ctx.save_for_backward(x, g, states)
+    def forward(ctx, x: Tensor, g: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        # The state carries over with a_t = g_t, or g_t * keep_t where `keep` is 0 at a restart.
+        carry = g if keep is None else g * keep
+        states = _scan(carry, torch.addcmul(x, g, x, value=-1))  # b_t = (1 - g_t) x_t
+        ctx.save_for_backward(x, g, carry, keep, states)
         ctx.set_materialize_grads(False)
         # Each chunk's final state as an output of its own: its gradient is then added to one
         # row, where slicing `states` would cost a zero-filled copy of all of them in backward.
         return states, states[..., -1, :, :].clone()
 
     @staticmethod
-    def backward(ctx, grad_states: Tensor | None, grad_finals: Tensor | None) -> tuple[Tensor, Tensor]:
-        x, g, states = ctx.saved_tensors
+    def backward(ctx, grad_states: Tensor | None, grad_finals: Tensor | None) -> tuple[Tensor, Tensor, None]:
+        x, g, carry, keep, states = ctx.saved_tensors
         if grad_states is None:
             grad_states = torch.zeros_like(states)
         else:
             grad_states = grad_states.clone(memory_format=torch.contiguous_format)  # the scan's scratch
         if grad_finals is not None:
             grad_states[..., -1, :, :] += grad_finals
-        next_gate = F.pad(g[..., 1:, :, :], (0, 0, 0, 0, 0, 1))  # g_{t+1}, and 0 past the chunk's end
-        lam = _scan(next_gate, grad_states, reverse=True)
+        next_carry = F.pad(carry[..., 1:, :, :], (0, 0, 0, 0, 0, 1))  # a_{t+1}, and 0 past the chunk's end
+        lam = _scan(next_carry, grad_states, reverse=True)
         grad_x = torch.addcmul(lam, g, lam, value=-1)  # (1 - g_t) lam_t
-        # dg_t = lam_t (h_{t-1} - x_t), summed over the streams that share the gate
+        # dg_t = lam_t (keep_t h_{t-1} - x_t), summed over the streams that share the gate
         grad_g = lam * x
-        grad_g[..., 1:, :, :].addcmul_(lam[..., 1:, :, :], states[..., :-1, :, :], value=-1)
-        return grad_x, grad_g.sum(0).neg_()
+        previous = states[..., :-1, :, :] if keep is None else states[..., :-1, :, :] * keep[..., 1:, :, :]
+        grad_g[..., 1:, :, :].addcmul_(lam[..., 1:, :, :], previous, value=-1)
+        return grad_x, grad_g.sum(0).neg_(), None
 
 
-def gated_chunk_scan(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+def gated_chunk_scan(x: Tensor, g: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Running states of streams `x [S, B, C, L, H, D]` under one gate `g [B, C, L, H, D]`, restarting
-    every chunk, and each chunk's final state `[S, B, C, H, D]`."""
-    return _GatedChunkScan.apply(x, g)
+    every chunk, and each chunk's final state `[S, B, C, H, D]`.
+
+    `keep` (0 or 1, broadcast to g, no gradient): where 0, the state also restarts at that step.
+    """
+    return _GatedChunkScan.apply(x, g, keep)
 
 
 def _rotate_chunks(x: Tensor, first_chunk: int, rope_base: float | None, scale: float = 1.0) -> Tensor:
@@ -117,7 +123,16 @@ def _attend_summaries(
     token_chunk = first_chunk + torch.arange(q.shape[2], device=q.device) // chunk_size
     # The block's last chunk sees all S; a token `last_chunk - c` chunks earlier sees that many fewer.
     hidden = torch.arange(num_visible, device=q.device) >= num_visible - (last_chunk - token_chunk)[:, None]
-    scores = scores.masked_fill_(hidden, float("-inf"))
+    return softmax_with_own_state(scores.masked_fill_(hidden, float("-inf")), values, own_score, own_value)
+
+
+def softmax_with_own_state(
+    scores: Tensor, values: Tensor, own_score: Tensor, own_value: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) of one softmax over summary scores `[B, H, Q, S]` (-inf where hidden; used as
+    scratch) with values `[B, H, S, D]`, and each token's own state: own_score `[B, H, Q]`,
+    own_value `[B, H, Q, D]`. The own state is always visible, so no row is empty."""
+    num_visible = scores.shape[-1]
     # The max only keeps exp in range; out and lse do not depend on it, so it takes no gradient.
     top = (torch.maximum(scores.amax(dim=-1), own_score) if num_visible else own_score).detach()
     weights = scores.sub_(top[..., None]).exp_()

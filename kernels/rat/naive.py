@@ -6,6 +6,8 @@ and a token of chunk c attends, with one softmax, over the final states ("chunk
 summaries") of chunks 0..c-1 plus its own running state (k~_t, v~_t). Queries and
 states are rotated by their global chunk index (inter-chunk RoPE), so a summary sits
 at relative distance c - c' from the query and the token's own state at distance 0.
+
+With segment ids (kernels/segments.py) each document runs alone: `rat_naive` on its tokens.
 """
 
 import torch
@@ -37,11 +39,15 @@ def rat_naive(
     prefix_v: Tensor | None = None,
     chunk_start: int = 0,
     return_lse: bool = False,
+    segment_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """RAT core on `[B, T, H, D]` inputs; any T (a partial last chunk's summary is never read).
 
     With `return_lse` also each token's log-sum-exp of its scores `[B, H, T]` (compute dtype).
     """
+    if segment_ids is not None:
+        return _each_document_alone(q, k, v, g, segment_ids, chunk_size=chunk_size, rope_base=rope_base,
+                                    return_lse=return_lse)
     batch, seq_len, heads, head_dim = q.shape
     num_chunks = -(-seq_len // chunk_size)
     pad = num_chunks * chunk_size - seq_len
@@ -85,6 +91,21 @@ def rat_naive(
     if not return_lse:
         return out
     return out, torch.logsumexp(scores, dim=-1).flatten(2)[..., :seq_len]
+
+
+def _each_document_alone(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, segment_ids: Tensor, **options
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`rat_naive` on every document of every row by itself, put back in place."""
+    rows = []
+    for row in range(q.shape[0]):
+        _, lengths = torch.unique_consecutive(segment_ids[row], return_counts=True)
+        documents = zip(*(x[row : row + 1].split(lengths.tolist(), dim=1) for x in (q, k, v, g)))
+        rows.append([rat_naive(*document, **options) for document in documents])
+    if not options["return_lse"]:
+        return torch.cat([torch.cat(row, dim=1) for row in rows])
+    out = torch.cat([torch.cat([o for o, _ in row], dim=1) for row in rows])
+    return out, torch.cat([torch.cat([lse for _, lse in row], dim=-1) for row in rows])
 
 
 def chunk_summaries(

@@ -1,8 +1,9 @@
 """Fused Triton kernels for the RAT core (forward and backward); `naive.py` is the definition they match.
 
 Shapes: q, k, v, g are `[B, T, H, D]` (any strides with a contiguous last dim); chunk c covers
-tokens [c*L, (c+1)*L) and is rotated by its global index chunk_start + c; P prefix summaries come
-before the C = ceil(T/L) local ones, so summary s is visible to chunk c when s < P + c.
+tokens [c*L, (c+1)*L) and is rotated by its global index chunk_start + c (row c of a table); P
+prefix summaries come before the C = ceil(T/L) local ones, so summary s is visible to chunk c when
+s < P + c.
 
 Forward, two launches:
 1. `_summaries_kernel`: the gated scan of k and v over whole chunks, in registers; only each chunk's
@@ -26,6 +27,13 @@ is then elementwise and scores are two dots with K = D/2 (hence D >= 32, as tl.d
 The cos/sin of each chunk are a small [C, D/2] table computed in float64 on the host (one row per
 chunk, L times smaller than q), which is both cheaper than transcendental math in the inner loops
 and exact at large chunk indices.
+
+Packed documents (`rat_documents_triton`) run on the same kernels: the documents are first laid
+end to end in one row, each starting on a chunk boundary (kernels/rat/realign.py), so the scan's
+restarts and the summaries are the grid's; a chunk's table row then holds its index within its
+document, and with the DOCUMENTS flag (no prefix) two [C] int32 inputs give each chunk's document's
+first and end chunk: summary s is visible to chunk c only when doc_first[c] <= s < c, and the
+summary loops start and stop at the documents' bounds. Without the flag the kernels are as before.
 """
 
 import torch
@@ -34,6 +42,9 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.backend import interpreting, new_output, pinned_configs
+from kernels.rat.realign import (
+    from_realigned, lse_from_realigned, realign_documents, summaries_from_realigned, to_realigned,
+)
 from kernels.rope import rope_angles
 
 # Query tiles are whole chunks: every BLOCK_M below is a multiple of every supported chunk size.
@@ -250,16 +261,21 @@ def _summaries_kernel(
 
 @triton.jit
 def _forward_summary_tile(
-    q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, sum_k, sum_v, n_start, visible_end, load_end, scale,
-    HALF: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, sum_k, sum_v, n_start, visible_start, visible_end, load_end, scale,
+    HALF: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
-    """One online-softmax step over summaries [n_start, n_start + BLOCK_N); MASKED applies the block-causal mask."""
+    """One online-softmax step over summaries [n_start, n_start + BLOCK_N); MASKED applies the block-causal mask
+    (and, with DOCUMENTS, hides the summaries before each row's document, from `visible_start` down)."""
     slots = n_start + tl.arange(0, BLOCK_N)
     sk_lo, sk_hi = _load_halves(sum_k, slots, 2 * HALF, slots < load_end, HALF)
     sv_lo, sv_hi = _load_halves(sum_v, slots, 2 * HALF, slots < load_end, HALF)
     scores = (_dot(q_lo, tl.trans(sk_lo), DOT_DTYPE) + _dot(q_hi, tl.trans(sk_hi), DOT_DTYPE)) * scale
     if MASKED:
-        scores = tl.where(slots[None, :] < visible_end[:, None], scores, float("-inf"))
+        visible = slots[None, :] < visible_end[:, None]
+        if DOCUMENTS:
+            visible = visible & (slots[None, :] >= visible_start[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     alpha = tl.exp(m_i - m_new)
     probs = tl.exp(scores - m_new[:, None])
@@ -269,20 +285,35 @@ def _forward_summary_tile(
     return m_new, l_i, acc_lo, acc_hi
 
 
-@triton.autotune(configs=pinned_configs(_QUERY_TILE_CONFIGS), key=["CHUNK", "HALF", "HAS_ROPE"])
+@triton.jit
+def _document_summary_tiles(doc_first_ptr, chunk, valid, first_chunk, last_chunk, seen_by_some_end,
+                            BLOCK_N: tl.constexpr):
+    """With documents, for a query tile of chunks first_chunk..last_chunk: each row's first visible summary
+    (its document's first chunk), the first summary tile any row sees, and where the tiles every row sees
+    in full begin (past the last row's document start; `seen_by_some_end` if none)."""
+    visible_start = tl.load(doc_first_ptr + chunk, mask=valid, other=0)
+    seen_by_some_start = tl.load(doc_first_ptr + first_chunk) // BLOCK_N * BLOCK_N
+    seen_by_all_start = tl.cdiv(tl.load(doc_first_ptr + last_chunk), BLOCK_N) * BLOCK_N
+    return visible_start, seen_by_some_start, tl.minimum(seen_by_all_start, seen_by_some_end)
+
+
+@triton.autotune(configs=pinned_configs(_QUERY_TILE_CONFIGS), key=["CHUNK", "HALF", "HAS_ROPE", "DOCUMENTS"])
 @triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr,
     q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, g_sb, g_st, g_sh,
-    cos_ptr, sin_ptr, sum_k_ptr, sum_v_ptr, out_ptr, lse_ptr,
+    cos_ptr, sin_ptr, doc_first_ptr, sum_k_ptr, sum_v_ptr, out_ptr, lse_ptr,
     T, H, num_prefix, num_summaries, scale,
-    CHUNK: tl.constexpr, HALF: tl.constexpr, HAS_ROPE: tl.constexpr,
+    CHUNK: tl.constexpr, HALF: tl.constexpr, HAS_ROPE: tl.constexpr, DOCUMENTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """RAT output and lse for BLOCK_M tokens (whole chunks) of one (batch, head).
 
     Summary tiles every row sees run unmasked; the last few, which reach into the tile's own
-    chunks, are masked per row; tiles no row sees are never loaded.
+    chunks, are masked per row; tiles no row sees are never loaded. With DOCUMENTS (realigned
+    documents, no prefix), summary s is visible to chunk c only when doc_first[c] <= s < c: the
+    tiles before the tile's first document are skipped and those reaching before its last
+    document's start are masked too.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -312,15 +343,27 @@ def _forward_kernel(
     visible_end = num_prefix + chunk
     seen_by_all_end = (num_prefix + first_chunk) // BLOCK_N * BLOCK_N
     seen_by_some_end = num_prefix + last_chunk
-    for n_start in range(0, seen_by_all_end, BLOCK_N):
+    visible_start = visible_end  # read only with DOCUMENTS
+    seen_by_all_start = 0
+    if DOCUMENTS:
+        visible_start, seen_by_some_start, seen_by_all_start = _document_summary_tiles(
+            doc_first_ptr, chunk, valid, first_chunk, last_chunk, seen_by_some_end, BLOCK_N
+        )
+        seen_by_all_end = tl.maximum(seen_by_all_end, seen_by_all_start)
+        for n_start in range(seen_by_some_start, seen_by_all_start, BLOCK_N):
+            m_i, l_i, acc_lo, acc_hi = _forward_summary_tile(
+                q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, sum_k, sum_v, n_start, visible_start, visible_end,
+                seen_by_some_end, scale, HALF, BLOCK_N, True, DOCUMENTS, DOT_DTYPE,
+            )
+    for n_start in range(seen_by_all_start, seen_by_all_end, BLOCK_N):
         m_i, l_i, acc_lo, acc_hi = _forward_summary_tile(
-            q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, sum_k, sum_v, n_start, visible_end, seen_by_some_end, scale,
-            HALF, BLOCK_N, False, DOT_DTYPE,
+            q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, sum_k, sum_v, n_start, visible_start, visible_end,
+            seen_by_some_end, scale, HALF, BLOCK_N, False, DOCUMENTS, DOT_DTYPE,
         )
     for n_start in range(seen_by_all_end, seen_by_some_end, BLOCK_N):
         m_i, l_i, acc_lo, acc_hi = _forward_summary_tile(
-            q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, sum_k, sum_v, n_start, visible_end, seen_by_some_end, scale,
-            HALF, BLOCK_N, True, DOT_DTYPE,
+            q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, sum_k, sum_v, n_start, visible_start, visible_end,
+            seen_by_some_end, scale, HALF, BLOCK_N, True, DOCUMENTS, DOT_DTYPE,
         )
 
     # Epilogue: the token's own running state, one more term of the same softmax.
@@ -374,12 +417,15 @@ def _delta_kernel(
 @triton.jit
 def _summary_grads_query_tile(
     sk_lo, sk_hi, sv_lo, sv_hi, dsk_lo, dsk_hi, dsv_lo, dsv_hi, slots,
-    q_base, q_st, do_base, do_st, lse_base, delta_base, cos_ptr, sin_ptr,
+    q_base, q_st, do_base, do_st, lse_base, delta_base, cos_ptr, sin_ptr, doc_first_ptr,
     row_start, T, num_prefix, scale,
     CHUNK: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ROPE: tl.constexpr,
-    MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr, DOCUMENTS: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """Add one query tile's contribution to the gradients of a tile of summaries (rotated frame, unscaled)."""
+    """Add one query tile's contribution to the gradients of a tile of summaries (rotated frame, unscaled).
+
+    MASKED applies the block-causal mask and, with DOCUMENTS, hides the summaries before each row's document.
+    """
     rows = row_start + tl.arange(0, BLOCK_M)
     valid = rows < T
     chunk = rows // CHUNK
@@ -394,6 +440,9 @@ def _summary_grads_query_tile(
     seen = valid[:, None]
     if MASKED:
         seen = seen & (slots[None, :] < num_prefix + chunk[:, None])
+        if DOCUMENTS:
+            visible_start = tl.load(doc_first_ptr + chunk, mask=valid, other=0)
+            seen = seen & (slots[None, :] >= visible_start[:, None])
     probs = tl.where(seen, tl.exp(scores - lse[:, None]), 0.0)
     dprobs = _dot(do_lo, tl.trans(sv_lo), DOT_DTYPE) + _dot(do_hi, tl.trans(sv_hi), DOT_DTYPE)
     dscores = probs * (dprobs - delta[:, None])
@@ -404,20 +453,22 @@ def _summary_grads_query_tile(
     return dsk_lo, dsk_hi, dsv_lo, dsv_hi
 
 
-@triton.autotune(configs=pinned_configs(_SUMMARY_TILE_CONFIGS), key=["CHUNK", "HALF", "HAS_ROPE"])
+@triton.autotune(configs=pinned_configs(_SUMMARY_TILE_CONFIGS), key=["CHUNK", "HALF", "HAS_ROPE", "DOCUMENTS"])
 @triton.jit
 def _summary_grads_kernel(
     q_ptr, q_sb, q_st, q_sh, do_ptr, do_sb, do_st, do_sh, lse_ptr, delta_ptr,
-    cos_ptr, sin_ptr, sum_k_ptr, sum_v_ptr, dsum_k_ptr, dsum_v_ptr,
+    cos_ptr, sin_ptr, doc_first_ptr, doc_end_ptr, sum_k_ptr, sum_v_ptr, dsum_k_ptr, dsum_v_ptr,
     T, H, num_prefix, num_summaries, scale,
-    CHUNK: tl.constexpr, HALF: tl.constexpr, HAS_ROPE: tl.constexpr,
+    CHUNK: tl.constexpr, HALF: tl.constexpr, HAS_ROPE: tl.constexpr, DOCUMENTS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Gradients of BLOCK_N summaries of one (batch, head), in the rotated frame they were attended in.
 
     Summary s is seen by the tokens of chunks c > s - P: the query tiles from there to T, the first
     ones masked per row, the rest (every row sees every summary of the tile) unmasked. A summary
-    no token sees (the last local one) gets an exact zero.
+    no token sees (the last local one) gets an exact zero. With DOCUMENTS (no prefix), only the
+    chunks of s's own document see it: the query tiles stop at the last slot's document's end
+    (doc_end), and those past the first slot's document are masked.
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -444,35 +495,56 @@ def _summary_grads_kernel(
     all_seen_row = tl.maximum(n_start + BLOCK_N - num_prefix, 0) * CHUNK
     masked_end = first_row + tl.cdiv(tl.maximum(all_seen_row - first_row, 0), BLOCK_M) * BLOCK_M
     masked_end = tl.minimum(masked_end, T)
+    all_seen_end = T
+    if DOCUMENTS:
+        last_slot = tl.minimum(n_start + BLOCK_N, num_summaries) - 1
+        seen_end = tl.minimum(tl.load(doc_end_ptr + last_slot) * CHUNK, T)
+        masked_end = tl.minimum(masked_end, seen_end)
+        # Whole query tiles up to the first slot's document end see every slot; to T, the partial last tile too.
+        first_document_end = tl.load(doc_end_ptr + n_start) * CHUNK
+        full_tiles = tl.maximum(first_document_end - masked_end, 0) // BLOCK_M
+        all_seen_end = tl.where(first_document_end < T, masked_end + full_tiles * BLOCK_M, T)
     for row_start in range(first_row, masked_end, BLOCK_M):
         dsk_lo, dsk_hi, dsv_lo, dsv_hi = _summary_grads_query_tile(
             sk_lo, sk_hi, sv_lo, sv_hi, dsk_lo, dsk_hi, dsv_lo, dsv_hi, slots,
-            q_base, q_st, do_base, do_st, lse_base, delta_base, cos_ptr, sin_ptr,
-            row_start, T, num_prefix, scale, CHUNK, HALF, BLOCK_M, HAS_ROPE, True, DOT_DTYPE,
+            q_base, q_st, do_base, do_st, lse_base, delta_base, cos_ptr, sin_ptr, doc_first_ptr,
+            row_start, T, num_prefix, scale, CHUNK, HALF, BLOCK_M, HAS_ROPE, True, DOCUMENTS, DOT_DTYPE,
         )
-    for row_start in range(masked_end, T, BLOCK_M):
+    for row_start in range(masked_end, all_seen_end, BLOCK_M):
         dsk_lo, dsk_hi, dsv_lo, dsv_hi = _summary_grads_query_tile(
             sk_lo, sk_hi, sv_lo, sv_hi, dsk_lo, dsk_hi, dsv_lo, dsv_hi, slots,
-            q_base, q_st, do_base, do_st, lse_base, delta_base, cos_ptr, sin_ptr,
-            row_start, T, num_prefix, scale, CHUNK, HALF, BLOCK_M, HAS_ROPE, False, DOT_DTYPE,
+            q_base, q_st, do_base, do_st, lse_base, delta_base, cos_ptr, sin_ptr, doc_first_ptr,
+            row_start, T, num_prefix, scale, CHUNK, HALF, BLOCK_M, HAS_ROPE, False, DOCUMENTS, DOT_DTYPE,
         )
+    if DOCUMENTS:
+        for row_start in range(all_seen_end, seen_end, BLOCK_M):
+            dsk_lo, dsk_hi, dsv_lo, dsv_hi = _summary_grads_query_tile(
+                sk_lo, sk_hi, sv_lo, sv_hi, dsk_lo, dsk_hi, dsv_lo, dsv_hi, slots,
+                q_base, q_st, do_base, do_st, lse_base, delta_base, cos_ptr, sin_ptr, doc_first_ptr,
+                row_start, T, num_prefix, scale, CHUNK, HALF, BLOCK_M, HAS_ROPE, True, DOCUMENTS, DOT_DTYPE,
+            )
     _store_halves(dsum_k_ptr + summary_offset, slots, 2 * HALF, slot_valid, dsk_lo * scale, dsk_hi * scale, HALF)
     _store_halves(dsum_v_ptr + summary_offset, slots, 2 * HALF, slot_valid, dsv_lo, dsv_hi, HALF)
 
 
 @triton.jit
 def _query_grads_summary_tile(
-    q_lo, q_hi, do_lo, do_hi, lse, delta, dq_lo, dq_hi, sum_k, sum_v, n_start, visible_end, load_end, scale,
-    HALF: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    q_lo, q_hi, do_lo, do_hi, lse, delta, dq_lo, dq_hi, sum_k, sum_v, n_start, visible_start, visible_end,
+    load_end, scale,
+    HALF: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOCUMENTS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
-    """Add one summary tile's term to dq (rotated frame, unscaled)."""
+    """Add one summary tile's term to dq (rotated frame, unscaled); masks as `_forward_summary_tile`."""
     slots = n_start + tl.arange(0, BLOCK_N)
     sk_lo, sk_hi = _load_halves(sum_k, slots, 2 * HALF, slots < load_end, HALF)
     sv_lo, sv_hi = _load_halves(sum_v, slots, 2 * HALF, slots < load_end, HALF)
     scores = (_dot(q_lo, tl.trans(sk_lo), DOT_DTYPE) + _dot(q_hi, tl.trans(sk_hi), DOT_DTYPE)) * scale
     probs = tl.exp(scores - lse[:, None])
     if MASKED:
-        probs = tl.where(slots[None, :] < visible_end[:, None], probs, 0.0)
+        visible = slots[None, :] < visible_end[:, None]
+        if DOCUMENTS:
+            visible = visible & (slots[None, :] >= visible_start[:, None])
+        probs = tl.where(visible, probs, 0.0)
     dprobs = _dot(do_lo, tl.trans(sv_lo), DOT_DTYPE) + _dot(do_hi, tl.trans(sv_hi), DOT_DTYPE)
     dscores = probs * (dprobs - delta[:, None])
     dq_lo += _dot(dscores, sk_lo, DOT_DTYPE)
@@ -480,23 +552,24 @@ def _query_grads_summary_tile(
     return dq_lo, dq_hi
 
 
-@triton.autotune(configs=pinned_configs(_QUERY_TILE_CONFIGS), key=["CHUNK", "HALF", "HAS_ROPE"])
+@triton.autotune(configs=pinned_configs(_QUERY_TILE_CONFIGS), key=["CHUNK", "HALF", "HAS_ROPE", "DOCUMENTS"])
 @triton.jit
 def _query_grads_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr,
     q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, g_sb, g_st, g_sh,
     do_ptr, do_sb, do_st, do_sh, lse_ptr, delta_ptr,
-    cos_ptr, sin_ptr, sum_k_ptr, sum_v_ptr, dsum_k_ptr, dsum_v_ptr,
+    cos_ptr, sin_ptr, doc_first_ptr, sum_k_ptr, sum_v_ptr, dsum_k_ptr, dsum_v_ptr,
     dq_ptr, dk_ptr, dv_ptr, dg_ptr,
     T, H, num_prefix, num_summaries, scale,
-    CHUNK: tl.constexpr, HALF: tl.constexpr, HAS_ROPE: tl.constexpr,
+    CHUNK: tl.constexpr, HALF: tl.constexpr, HAS_ROPE: tl.constexpr, DOCUMENTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq, dk, dv, dg for BLOCK_M tokens (whole chunks) of one (batch, head).
 
     The gradient reaching the running state k~_t, v~_t is the own-term softmax gradient plus, at a
     chunk's last token, the gradient of that chunk's summary (from `_summary_grads_kernel`); the
-    reverse scan of `_states_backward` takes it to k, v and g.
+    reverse scan of `_states_backward` takes it to k, v and g. The summary tiles and masks are
+    those of `_forward_kernel`.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -526,15 +599,27 @@ def _query_grads_kernel(
     visible_end = num_prefix + chunk
     seen_by_all_end = (num_prefix + first_chunk) // BLOCK_N * BLOCK_N
     seen_by_some_end = num_prefix + last_chunk
-    for n_start in range(0, seen_by_all_end, BLOCK_N):
+    visible_start = visible_end  # read only with DOCUMENTS
+    seen_by_all_start = 0
+    if DOCUMENTS:
+        visible_start, seen_by_some_start, seen_by_all_start = _document_summary_tiles(
+            doc_first_ptr, chunk, valid, first_chunk, last_chunk, seen_by_some_end, BLOCK_N
+        )
+        seen_by_all_end = tl.maximum(seen_by_all_end, seen_by_all_start)
+        for n_start in range(seen_by_some_start, seen_by_all_start, BLOCK_N):
+            dq_lo, dq_hi = _query_grads_summary_tile(
+                q_lo, q_hi, do_lo, do_hi, lse, delta, dq_lo, dq_hi, sum_k, sum_v, n_start, visible_start,
+                visible_end, seen_by_some_end, scale, HALF, BLOCK_N, True, DOCUMENTS, DOT_DTYPE,
+            )
+    for n_start in range(seen_by_all_start, seen_by_all_end, BLOCK_N):
         dq_lo, dq_hi = _query_grads_summary_tile(
-            q_lo, q_hi, do_lo, do_hi, lse, delta, dq_lo, dq_hi, sum_k, sum_v, n_start, visible_end,
-            seen_by_some_end, scale, HALF, BLOCK_N, False, DOT_DTYPE,
+            q_lo, q_hi, do_lo, do_hi, lse, delta, dq_lo, dq_hi, sum_k, sum_v, n_start, visible_start,
+            visible_end, seen_by_some_end, scale, HALF, BLOCK_N, False, DOCUMENTS, DOT_DTYPE,
         )
     for n_start in range(seen_by_all_end, seen_by_some_end, BLOCK_N):
         dq_lo, dq_hi = _query_grads_summary_tile(
-            q_lo, q_hi, do_lo, do_hi, lse, delta, dq_lo, dq_hi, sum_k, sum_v, n_start, visible_end,
-            seen_by_some_end, scale, HALF, BLOCK_N, True, DOT_DTYPE,
+            q_lo, q_hi, do_lo, do_hi, lse, delta, dq_lo, dq_hi, sum_k, sum_v, n_start, visible_start,
+            visible_end, seen_by_some_end, scale, HALF, BLOCK_N, True, DOCUMENTS, DOT_DTYPE,
         )
 
     # The own term: recompute the running states (and those one token earlier, for dg).
@@ -632,24 +717,29 @@ def _bth_strides(x: Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _angle_tables(num_chunks: int, head_dim: int, rope_base: float | None, chunk_start: int, like: Tensor):
-    """fp32 cos/sin [C, D/2] of the chunks' global indices, computed in float64 like the reference."""
+def _angle_tables(chunk_index: Tensor, head_dim: int, rope_base: float | None):
+    """fp32 cos/sin [C, D/2] of each chunk's rotation index `[C]`, computed in float64 like the reference."""
     if rope_base is None:
-        dummy = torch.empty(1, dtype=torch.float32, device=like.device)
+        dummy = torch.empty(1, dtype=torch.float32, device=chunk_index.device)
         return dummy, dummy
-    chunk_ids = torch.arange(chunk_start, chunk_start + num_chunks, device=like.device)
-    cos, sin = rope_angles(chunk_ids, head_dim, rope_base)
+    cos, sin = rope_angles(chunk_index, head_dim, rope_base)
     return cos.float().contiguous(), sin.float().contiguous()
 
 
 class _RatFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, prefix_k, prefix_v, chunk_size, rope_base, chunk_start):
+    def forward(ctx, q, k, v, g, prefix_k, prefix_v, chunk_size, rope_base, chunk_index, document_first_chunk,
+                document_end_chunk):
+        # chunk_index [C]: the rotation of each chunk. document_first_chunk / document_end_chunk [C] int32 (or
+        # None): the chunks of each chunk's document, for realigned documents (no prefix then).
         batch, seq_len, heads, head_dim = q.shape
         num_chunks = triton.cdiv(seq_len, chunk_size)
         num_prefix = prefix_k.shape[1]
         num_summaries = num_prefix + num_chunks
-        cos, sin = _angle_tables(num_chunks, head_dim, rope_base, chunk_start, q)
+        cos, sin = _angle_tables(chunk_index, head_dim, rope_base)
+        documents = document_first_chunk is not None
+        if not documents:  # the kernels take a pointer either way, and read it only with DOCUMENTS
+            document_first_chunk = document_end_chunk = chunk_index
 
         summary_shape = (batch, heads, num_summaries, head_dim)
         sum_k = new_output(summary_shape, like=q, dtype=torch.float32)
@@ -668,12 +758,12 @@ class _RatFunction(torch.autograd.Function):
         grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
         _forward_kernel[grid](
             q, k, v, g, *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(g),
-            cos, sin, sum_k, sum_v, out, lse,
+            cos, sin, document_first_chunk, sum_k, sum_v, out, lse,
             seq_len, heads, num_prefix, num_summaries, head_dim**-0.5,
-            CHUNK=chunk_size, HALF=half, HAS_ROPE=has_rope,
+            CHUNK=chunk_size, HALF=half, HAS_ROPE=has_rope, DOCUMENTS=documents,
         )
-        ctx.save_for_backward(q, k, v, g, out, lse, sum_k, sum_v, cos, sin)
-        ctx.chunk_size, ctx.has_rope, ctx.num_prefix = chunk_size, has_rope, num_prefix
+        ctx.save_for_backward(q, k, v, g, out, lse, sum_k, sum_v, cos, sin, document_first_chunk, document_end_chunk)
+        ctx.chunk_size, ctx.has_rope, ctx.num_prefix, ctx.documents = chunk_size, has_rope, num_prefix, documents
         ctx.prefix_dtypes = (prefix_k.dtype, prefix_v.dtype)
         ctx.set_materialize_grads(False)  # lse and the summaries are often not used: no zero gradients for them
         # The complete local chunks' summaries, in the compute dtype as chunk_summaries returns them.
@@ -685,14 +775,14 @@ class _RatFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse, grad_summary_k, grad_summary_v):
-        q, k, v, g, out, lse, sum_k, sum_v, cos, sin = ctx.saved_tensors
+        q, k, v, g, out, lse, sum_k, sum_v, cos, sin, document_first_chunk, document_end_chunk = ctx.saved_tensors
         batch, seq_len, heads, head_dim = q.shape
         num_prefix, num_summaries = ctx.num_prefix, sum_k.shape[2]
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
-        common = dict(CHUNK=ctx.chunk_size, HALF=head_dim // 2, HAS_ROPE=ctx.has_rope)
+        common = dict(CHUNK=ctx.chunk_size, HALF=head_dim // 2, HAS_ROPE=ctx.has_rope, DOCUMENTS=ctx.documents)
         scale = head_dim**-0.5
 
         delta = new_output((batch, heads, seq_len), like=q, dtype=torch.float32)
@@ -706,7 +796,7 @@ class _RatFunction(torch.autograd.Function):
         dsum_v = new_output(sum_v.shape, like=sum_v)
         _summary_grads_kernel[lambda meta: (triton.cdiv(num_summaries, meta["BLOCK_N"]), batch * heads)](
             q, *_bth_strides(q), grad_out, *_bth_strides(grad_out), lse, delta,
-            cos, sin, sum_k, sum_v, dsum_k, dsum_v,
+            cos, sin, document_first_chunk, document_end_chunk, sum_k, sum_v, dsum_k, dsum_v,
             seq_len, heads, num_prefix, num_summaries, scale, **common,
         )
         # Summaries returned to the caller get their gradient there too; the query-grads kernel
@@ -723,12 +813,12 @@ class _RatFunction(torch.autograd.Function):
         _query_grads_kernel[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)](
             q, k, v, g, *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(g),
             grad_out, *_bth_strides(grad_out), lse, delta,
-            cos, sin, sum_k, sum_v, dsum_k, dsum_v, dq, dk, dv, dg,
+            cos, sin, document_first_chunk, sum_k, sum_v, dsum_k, dsum_v, dq, dk, dv, dg,
             seq_len, heads, num_prefix, num_summaries, scale, **common,
         )
         dprefix_k = dsum_k[:, :, :num_prefix].transpose(1, 2).to(ctx.prefix_dtypes[0])
         dprefix_v = dsum_v[:, :, :num_prefix].transpose(1, 2).to(ctx.prefix_dtypes[1])
-        return dq, dk, dv, dg, dprefix_k, dprefix_v, None, None, None
+        return dq, dk, dv, dg, dprefix_k, dprefix_v, None, None, None, None, None
 
 
 def rat_triton(
@@ -747,7 +837,44 @@ def rat_triton(
     if prefix_k is None:
         batch, _, heads, head_dim = k.shape
         prefix_k = prefix_v = k.new_empty(batch, 0, heads, head_dim)
-    return _RatFunction.apply(q, k, v, g, prefix_k, prefix_v, chunk_size, rope_base, chunk_start)
+    chunk_index = torch.arange(chunk_start, chunk_start + triton.cdiv(q.shape[1], chunk_size), device=q.device)
+    return _RatFunction.apply(q, k, v, g, prefix_k, prefix_v, chunk_size, rope_base, chunk_index, None, None)
+
+
+def rat_documents_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    *,
+    chunk_size: int,
+    rope_base: float | None,
+    segment_ids: Tensor,
+    document_offset: Tensor | None = None,
+    initial_state: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`documents.rat_documents` with the fused kernels, on the documents realigned to the chunk grid (realign.py).
+
+    Inputs already checked by `kernels.rat`. One host sync (the realigned length).
+    """
+    batch, _, heads, head_dim = q.shape
+    realignment = realign_documents(segment_ids, chunk_size, document_offset)
+    carry_k, carry_v = (None, None) if initial_state is None else initial_state
+    realigned_k = to_realigned(k, realignment, carry_k)
+    no_prefix = realigned_k.new_empty(1, 0, heads, head_dim)
+    out, lse, summary_k, summary_v = _RatFunction.apply(
+        to_realigned(q, realignment), realigned_k, to_realigned(v, realignment, carry_v), to_realigned(g, realignment),
+        no_prefix, no_prefix, chunk_size, rope_base, realignment.chunk_index,
+        realignment.document_first_chunk, realignment.document_end_chunk,
+    )
+    # rat_documents' summaries are in promote(q, g), whatever a carried state promoted k and v to.
+    summary_dtype = torch.promote_types(q.dtype, g.dtype)
+    return (
+        from_realigned(out, realignment, batch).to(v.dtype),
+        lse_from_realigned(lse, realignment, batch),
+        summaries_from_realigned(summary_k, realignment).to(summary_dtype),
+        summaries_from_realigned(summary_v, realignment).to(summary_dtype),
+    )
 
 
 class _ChunkSummariesFunction(torch.autograd.Function):
@@ -756,7 +883,8 @@ class _ChunkSummariesFunction(torch.autograd.Function):
         batch, seq_len, heads, head_dim = k.shape
         num_chunks = triton.cdiv(seq_len, chunk_size)  # the partial last one is computed, then dropped
         num_full_chunks = seq_len // chunk_size
-        cos, sin = _angle_tables(num_chunks, head_dim, rope_base, chunk_start, k)
+        chunk_index = torch.arange(chunk_start, chunk_start + num_chunks, device=k.device)
+        cos, sin = _angle_tables(chunk_index, head_dim, rope_base)
         sum_k = new_output((batch, heads, num_chunks, head_dim), like=k, dtype=torch.float32)
         sum_v = new_output((batch, heads, num_chunks, head_dim), like=k, dtype=torch.float32)
         _summaries_kernel[(triton.cdiv(seq_len, _SCAN_BLOCK_M), batch * heads)](

@@ -3,6 +3,7 @@
 from lsys.data.config import DataConfig
 from lsys.data.errors import DataError
 from lsys.data.loader import PackedLoader, SequenceSlices, ValLoader, build_loaders
+from lsys.data.packing import segment_ids
 from lsys.data.sources import load_source
 from lsys.data.streaming import StreamingLoader, StreamingValLoader
 from lsys.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
@@ -21,4 +22,5 @@ __all__ = [
     "build_loaders",
     "build_tokenizer",
     "load_source",
+    "segment_ids",
 ]

@@ -14,11 +14,15 @@ A sample `conf/data/*.yaml` (every field below; names are exact)::
     shuffle_buffer: 10000   # hub: documents in the streaming shuffle buffer (0 turns shuffling off)
     num_proc: 1             # processes for loading and tokenizing map-style data
     num_documents: 20000    # passkey: documents generated for training (validation: val_fraction of that)
+    doc_isolation: false    # true: every batch is (inputs, targets, segment_ids), each document seen alone
+    rope_restart: null      # positions restart at each document start; null: the same as doc_isolation
 """
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+
+from lsys.data.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,25 @@ class DataConfig:
     shuffle_buffer: int = 10000
     num_proc: int = 1
     num_documents: int = 20000
+    doc_isolation: bool = False
+    rope_restart: bool | None = None
+
+    def __post_init__(self):
+        # A string such as "false" would be truthy: only real booleans switch isolation.
+        if not isinstance(self.doc_isolation, bool):
+            raise DataError(f"data.doc_isolation must be true or false, got {self.doc_isolation!r}")
+        if not (self.rope_restart is None or isinstance(self.rope_restart, bool)):
+            raise DataError(f"data.rope_restart must be true, false or null, got {self.rope_restart!r}")
+        if self.rope_restart and not self.doc_isolation:
+            raise DataError(
+                "data.rope_restart=true but data.doc_isolation=false: positions can only restart at document "
+                "boundaries the loader emits; set data.doc_isolation=true"
+            )
+
+    @property
+    def restarts_positions(self) -> bool:
+        """Whether positions (RoPE) restart at each document start: rope_restart, or doc_isolation if it is null."""
+        return self.doc_isolation if self.rope_restart is None else self.rope_restart
 
     @classmethod
     def from_attrs(cls, cfg: Any) -> "DataConfig":

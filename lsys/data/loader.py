@@ -9,6 +9,9 @@ An epoch ends when fewer than `dp_size*B` windows are left; those are skipped th
 
 `PackedLoader.state_dict()` is `{epoch, step_in_epoch}` plus the layout it belongs to: the same
 for every rank, so one JSON file resumes all of them at the exact next batch.
+
+With `data.doc_isolation` every loader's batches are `(inputs, targets, segment_ids)`
+(`lsys.data.packing.segment_ids`); the ids are a function of the inputs, so resuming is unchanged.
 """
 
 import logging
@@ -22,19 +25,21 @@ import torch.distributed as dist
 
 from lsys.data.config import DataConfig
 from lsys.data.errors import DataError
-from lsys.data.packing import TokenWindows, check_batch_layout, token_stream, tokenize_documents
+from lsys.data.packing import Batch, TokenWindows, check_batch_layout, token_stream, tokenize_documents
 from lsys.data.sources import load_source
 from lsys.data.streaming import StreamingLoader, StreamingValLoader
 from lsys.data.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 Result = TypeVar("Result")
 
 
 class PackedLoader:
-    """Endless training batches `(inputs, targets)`, int64 `[B, T]`, of one rank, epoch after epoch."""
+    """Endless training batches `(inputs, targets)`, int64 `[B, T]`, of one rank, epoch after epoch.
+
+    With `eos_id` (document isolation) each batch also carries its `segment_ids`, documents ending at that id.
+    """
 
     def __init__(
         self,
@@ -46,12 +51,13 @@ class PackedLoader:
         dp_size: int,
         seed: int,
         name: str = "data",
+        eos_id: int | None = None,
     ):
         check_batch_layout(seq_len=seq_len, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.seed = seed
-        self._windows = TokenWindows(tokens, seq_len)
+        self._windows = TokenWindows(tokens, seq_len, eos_id=eos_id)
         self._windows_per_step = dp_size * micro_batch_size
         self.batches_per_epoch = self._windows.count // self._windows_per_step
         if self.batches_per_epoch == 0:
@@ -113,13 +119,25 @@ class PackedLoader:
 
 
 class ValLoader:
-    """The validation stream's windows in order, sharded over dp ranks like training; no shuffle."""
+    """The validation stream's windows in order, sharded over dp ranks like training; no shuffle.
 
-    def __init__(self, tokens: np.ndarray, *, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+    `eos_id`: as in `PackedLoader`.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        *,
+        seq_len: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        eos_id: int | None = None,
+    ):
         check_batch_layout(seq_len=seq_len, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
-        self._windows = TokenWindows(tokens, seq_len)
+        self._windows = TokenWindows(tokens, seq_len, eos_id=eos_id)
         self._windows_per_step = dp_size * micro_batch_size
         self.num_batches = self._windows.count // self._windows_per_step
 
@@ -149,10 +167,14 @@ def build_loaders(
     cfg = DataConfig.from_attrs(data_cfg)
     layout = {"seq_len": seq_len, "micro_batch_size": micro_batch_size, "dp_rank": dp_rank, "dp_size": dp_size}
     check_batch_layout(**layout)
+    eos_id = document_end_id(cfg, tokenizer)
     train_documents, val_documents = _rank_zero_first(lambda: load_source(cfg, seq_len=seq_len, tokenizer=tokenizer))
 
     if isinstance(train_documents, datasets.IterableDataset):
-        stream_kwargs = {"tokenizer": tokenizer, "text_field": cfg.text_field, "name": cfg.name, **layout}
+        stream_kwargs = {
+            "tokenizer": tokenizer, "text_field": cfg.text_field, "name": cfg.name,
+            "doc_isolation": cfg.doc_isolation, **layout,
+        }
         train = StreamingLoader(train_documents, seed=seed, shuffle_buffer=cfg.shuffle_buffer, **stream_kwargs)
         val = StreamingValLoader(val_documents, **stream_kwargs) if val_documents is not None else None
         return train, val
@@ -163,14 +185,14 @@ def build_loaders(
         return token_stream(tokenized, shuffle_seed=shuffle_seed)
 
     train_tokens = _rank_zero_first(lambda: tokens_of(train_documents, "train", seed))
-    train = PackedLoader(train_tokens, seed=seed, name=cfg.name, **layout)
+    train = PackedLoader(train_tokens, seed=seed, name=cfg.name, eos_id=eos_id, **layout)
     logger.info(
         "data '%s': %d training tokens, %d batches of %d tokens per rank per epoch",
         cfg.name, len(train_tokens), train.batches_per_epoch, train.tokens_per_batch,
     )
     if val_documents is None:
         return train, None
-    val = ValLoader(_rank_zero_first(lambda: tokens_of(val_documents, "validation", None)), **layout)
+    val = ValLoader(_rank_zero_first(lambda: tokens_of(val_documents, "validation", None)), eos_id=eos_id, **layout)
     if val.num_batches == 0:
         logger.warning(
             "data '%s': the validation split is shorter than one global batch (%d windows of seq_len %d); "
@@ -179,6 +201,24 @@ def build_loaders(
         )
         return train, None
     return train, val
+
+
+def document_end_id(cfg: DataConfig, tokenizer: Tokenizer) -> int | None:
+    """The id that ends each document, for segment_ids: the tokenizer's EOS with data.doc_isolation, else None.
+
+    Every source gets EOS after each of its documents in the stream (`packing.tokenize_documents`,
+    `StreamingLoader`), passkey included (with byte tokens one document fills a window, its EOS
+    last, so its ids are all 0), so every source can be isolated; only a tokenizer without EOS cannot.
+    """
+    if not cfg.doc_isolation:
+        return None
+    eos_id = getattr(tokenizer, "eos_id", None)
+    if eos_id is None:
+        raise DataError(
+            f"data.doc_isolation=true needs a tokenizer with an EOS id to find the documents of '{cfg.name}', "
+            f"and {type(tokenizer).__name__} has none; give it one or set data.doc_isolation=false"
+        )
+    return eos_id
 
 
 def _rank_zero_first(prepare: Callable[[], Result]) -> Result:
@@ -199,7 +239,9 @@ class SequenceSlices:
     """A sequence-parallel rank's view of a loader: every batch cut to this rank's token positions.
 
     All sp ranks of one data-parallel replica read the same windows (same dp rank) and keep
-    the positions the sequence layout gives them; state is the wrapped loader's.
+    the positions the sequence layout gives them, of every tensor of the batch (segment_ids too,
+    which keep their window-wide values, so all ranks agree on each token's document); state is
+    the wrapped loader's.
     """
 
     def __init__(self, loader: PackedLoader | ValLoader | StreamingLoader | StreamingValLoader, positions: torch.Tensor):
@@ -207,8 +249,7 @@ class SequenceSlices:
         self.positions = positions
 
     def _slice(self, batch: Batch) -> Batch:
-        inputs, targets = batch
-        return inputs[:, self.positions], targets[:, self.positions]
+        return tuple(part[:, self.positions] for part in batch)
 
     def __iter__(self) -> "SequenceSlices":
         return self

@@ -5,7 +5,8 @@ Documents are shuffled in a buffer seeded with the seed (`IterableDataset.shuffl
 `datasets.distributed.split_dataset_by_node` (whole shards per rank when the shard count divides
 by dp_size, else every dp_size-th document), tokenized as they arrive, and packed through a token
 buffer into the same windows as map-style data: inputs `buf[:T]`, targets `buf[1:T+1]`, then the
-buffer moves on by T.
+buffer moves on by T. With `doc_isolation` each batch also carries its `segment_ids`, cut at the
+tokenizer's EOS exactly as for map-style data (`lsys.data.packing.window_batch`).
 
 Resuming: `state_dict()` holds the epoch, the `IterableDataset.state_dict()` and the leftover
 token buffer. It belongs to one dp rank (each rank reads other documents): save one per rank.
@@ -24,14 +25,15 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from lsys.data.errors import DataError
-from lsys.data.packing import check_batch_layout
+from lsys.data.packing import Batch, check_batch_layout, window_batch
 from lsys.data.tokenizer import Tokenizer
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class StreamingLoader:
-    """Batches `(inputs, targets)`, int64 `[B, T]`, packed on the fly from one dp rank's share of a stream."""
+    """Batches `(inputs, targets)`, int64 `[B, T]`, packed on the fly from one dp rank's share of a stream.
+
+    With `doc_isolation` each batch also carries its `segment_ids`, documents ending at the tokenizer's EOS.
+    """
 
     def __init__(
         self,
@@ -47,6 +49,7 @@ class StreamingLoader:
         shuffle_buffer: int,
         repeat: bool = True,
         name: str = "data",
+        doc_isolation: bool = False,
     ):
         check_batch_layout(seq_len=seq_len, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
         if shuffle_buffer > 0:
@@ -60,6 +63,7 @@ class StreamingLoader:
         self.dp_rank = dp_rank
         self.repeat = repeat
         self.name = name
+        self._eos_id = tokenizer.eos_id if doc_isolation else None  # given: batches carry segment_ids
         self.epoch = 0
         self._tokens: list[int] = []  # ids read from the stream but not yet moved past
         self._rows: Iterator[dict[str, Any]] | None = None
@@ -83,8 +87,7 @@ class StreamingLoader:
                 self._tokens.extend(document)
             rows.append(self._tokens[: self.seq_len + 1])
             del self._tokens[: self.seq_len]
-        batch = torch.tensor(rows, dtype=torch.long)
-        return batch[:, :-1], batch[:, 1:]
+        return window_batch(torch.tensor(rows, dtype=torch.long), self._eos_id)
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's position: epoch, the `IterableDataset` state and the leftover tokens (JSON-able)."""
@@ -147,6 +150,7 @@ class StreamingValLoader:
         dp_rank: int,
         dp_size: int,
         name: str = "data",
+        doc_isolation: bool = False,
     ):
         self.tokens_per_batch = micro_batch_size * seq_len
         self._one_pass = partial(
@@ -162,6 +166,7 @@ class StreamingValLoader:
             shuffle_buffer=0,
             repeat=False,
             name=name,
+            doc_isolation=doc_isolation,
         )
 
     def batches(self, n: int) -> Iterator[Batch]:

@@ -14,6 +14,7 @@ from kernels import apply_rope, rope_angles
 from lsys.models.cache import Cache, attend, rotate_rows
 from lsys.models.config import ModelConfig
 from lsys.models.registry import register_mixer
+from parallel.documents import Documents
 
 
 @dataclass
@@ -48,16 +49,17 @@ class Attention(nn.Module):
         batch, seq_len, _ = x.shape
         return self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).unbind(dim=2)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._attend(x)[0]
+    def forward(self, x: Tensor, documents: Documents | None = None) -> Tensor:
+        return self._attend(x, documents)[0]
 
-    def _attend(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _attend(self, x: Tensor, documents: Documents | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Output for this rank's tokens of a whole sequence, and their rotated keys and values."""
         batch, seq_len, _ = x.shape
         q, k, v = self.project(x)
-        cos, sin = rope_angles(parallel.local_positions(seq_len, x.device), self.head_dim, self.rope_base)
+        positions = parallel.local_positions(seq_len, x.device, documents)
+        cos, sin = rope_angles(positions, self.head_dim, self.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = parallel.attention(q, k, v, **self.mask_options())
+        y = parallel.attention(q, k, v, documents=documents, **self.mask_options())
         return self.out(y.reshape(batch, seq_len, -1)), k, v
 
     # Decoding: prefill writes a prompt's keys, decode adds one token per row.

@@ -21,6 +21,7 @@ import parallel
 from lsys.models.cache import Cache
 from lsys.models.config import ModelConfig
 from lsys.models.registry import register_mixer
+from parallel.documents import Documents
 
 
 def lightning_decays(n_heads: int) -> Tensor:
@@ -65,9 +66,9 @@ class Lightning(nn.Module):
     def _output(self, o: Tensor, gate: Tensor) -> Tensor:
         return self.out((self.norm(o) * torch.sigmoid(gate)).flatten(2))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, documents: Documents | None = None) -> Tensor:
         q, k, v, gate = self.project(x)
-        return self._output(parallel.linear_attention(q, k, v, decay=self.decay), gate)
+        return self._output(parallel.linear_attention(q, k, v, decay=self.decay, documents=documents), gate)
 
     def init_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LinearStateCache:
         state_dtype = torch.promote_types(dtype, torch.float32)

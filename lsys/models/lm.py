@@ -13,6 +13,7 @@ from lsys.models.cache import Cache
 from lsys.models.config import ModelConfig
 from lsys.models.registry import MIXERS
 from lsys.models.tiling import tiled_cross_entropy, tiled_mlp
+from parallel.documents import Documents, documents
 
 
 class MLP(nn.Module):
@@ -37,33 +38,37 @@ class Block(nn.Module):
         self.offload = activations.offload
         self.mlp_chunk = activations.mlp_chunk
 
-    def forward(self, x: Tensor, cache: Cache | None = None, mode: str = "train") -> Tensor:
-        """mode "train": the whole sequence; "prefill": a prompt into an empty cache; "decode": one token."""
+    def forward(
+        self, x: Tensor, cache: Cache | None = None, mode: str = "train", documents: Documents | None = None
+    ) -> Tensor:
+        """mode "train": the whole sequence (its packed `documents` kept apart); "prefill": a prompt into an
+        empty cache; "decode": one token."""
         if mode == "train":
             if self.recompute == "block" and torch.is_grad_enabled():
-                return self._recomputed(self._train, x)
-            return self._train(x)
+                return self._recomputed(self._train, x, documents)
+            return self._train(x, documents)
         h = self.mixer_norm(x)
         x = x + (self.mixer.prefill(h, cache) if mode == "prefill" else self.mixer.decode(h, cache))
         return x + self.mlp(self.mlp_norm(x))
 
-    def _train(self, x: Tensor) -> Tensor:
+    def _train(self, x: Tensor, documents: Documents | None) -> Tensor:
         if self.recompute == "mixer" and torch.is_grad_enabled():
-            x = x + self._recomputed(self._mix, x)
+            x = x + self._recomputed(self._mix, x, documents)
         else:
-            x = x + self._mix(x)
+            x = x + self._mix(x, documents)
         h = self.mlp_norm(x)
         return x + (tiled_mlp(self.mlp, h, chunk=self.mlp_chunk) if self.mlp_chunk else self.mlp(h))
 
-    def _mix(self, x: Tensor) -> Tensor:
-        return self.mixer(self.mixer_norm(x))
+    def _mix(self, x: Tensor, documents: Documents | None) -> Tensor:
+        # Without packed documents a mixer is called as forward(x), so one that cannot isolate them still works.
+        return self.mixer(self.mixer_norm(x)) if documents is None else self.mixer(self.mixer_norm(x), documents)
 
-    def _recomputed(self, fn, x: Tensor) -> Tensor:
-        """fn(x), keeping only x for backward (in pinned host memory with offload) and recomputing the rest."""
+    def _recomputed(self, fn, x: Tensor, documents: Documents | None) -> Tensor:
+        """fn(x, documents), keeping only x for backward (in pinned host memory with offload), recomputing the rest."""
         # The checkpoint saves its inputs through the saved-tensor hooks active here, and only them.
         offload = torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda) if self.offload else nullcontext()
         with offload:
-            return checkpoint(fn, x, use_reentrant=False)
+            return checkpoint(fn, x, documents, use_reentrant=False)
 
 
 class LM(nn.Module):
@@ -101,29 +106,53 @@ class LM(nn.Module):
                 reset_own()
 
     def forward(
-        self, tokens: Tensor, caches: list[Cache] | None = None, mode: str = "train", targets: Tensor | None = None
+        self,
+        tokens: Tensor,
+        caches: list[Cache] | None = None,
+        mode: str = "train",
+        targets: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        restart_positions: bool = True,
     ) -> Tensor:
         """Logits `[B, T, vocab]` (fp32 or wider) for token ids `[B, T]`; with caches, `mode` is "prefill" or "decode".
 
         With `targets [B, T]` instead: the mean next-token cross-entropy (targets of -100 not
         counted), over `loss_chunk` tokens at a time if the activation plan sets one.
+        `segment_ids [B, T]` (this rank's tokens'; kernels/segments.py): the windows hold packed
+        documents, each seeing only itself, its RoPE positions counted from its own start unless
+        `restart_positions` is False.
         """
-        hidden = self.hidden_states(tokens, caches, mode)
+        hidden = self.hidden_states(tokens, caches, mode, segment_ids, restart_positions)
         if targets is None:
             return self.logits(hidden)
         if self.loss_chunk:
             return tiled_cross_entropy(hidden.flatten(0, 1), self.embed.weight, targets.flatten(), chunk=self.loss_chunk)
         return F.cross_entropy(self.logits(hidden).flatten(0, 1), targets.flatten())
 
-    def hidden_states(self, tokens: Tensor, caches: list[Cache] | None = None, mode: str = "train") -> Tensor:
+    def hidden_states(
+        self,
+        tokens: Tensor,
+        caches: list[Cache] | None = None,
+        mode: str = "train",
+        segment_ids: Tensor | None = None,
+        restart_positions: bool = True,
+    ) -> Tensor:
         """The normed last-layer states `[B, T, d_model]` that `logits` maps to the vocabulary.
 
         Split from `forward` so that a caller who needs a few positions' logits (an eval scoring
         an answer at the end of a 100K-token prompt) need not hold `[T, vocab]` of them.
         """
+        packed = None
+        if segment_ids is not None:
+            if mode != "train":
+                raise ValueError(f"LM: segment_ids are for training on packed documents, not for {mode!r}")
+            if segment_ids.shape != tokens.shape:
+                raise ValueError(f"LM: segment_ids of shape {tuple(segment_ids.shape)} do not match "
+                                 f"the tokens' {tuple(tokens.shape)}")
+            packed = documents(segment_ids, restart_positions=restart_positions)
         x = self.embed(tokens)
         for layer, block in enumerate(self.blocks):
-            x = block(x, caches[layer] if caches is not None else None, mode)
+            x = block(x, caches[layer] if caches is not None else None, mode, packed)
         return self.final_norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

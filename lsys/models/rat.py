@@ -24,6 +24,7 @@ from kernels.rat.chunk import gated_chunk_scan
 from lsys.models.cache import Cache, attend, rotate_rows
 from lsys.models.config import ModelConfig
 from lsys.models.registry import register_mixer
+from parallel.documents import Documents
 
 
 @dataclass
@@ -89,9 +90,9 @@ class RAT(nn.Module):
         forget = torch.sigmoid(g.to(gate_dtype) + self.gate_bias.to(gate_dtype)).view(heads_shape)
         return z, q, k, v.view(heads_shape), forget
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, documents: Documents | None = None) -> Tensor:
         z, q, k, v, forget = self.project(x)
-        y = parallel.rat(q, k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base)
+        y = parallel.rat(q, k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base, documents=documents)
         return self.out(torch.sigmoid(z) * y.flatten(2))
 
     def init_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> RATCache:

@@ -1,7 +1,8 @@
 """Mixer registry: a new token mixer is one file in lsys/models that decorates its class with `@register_mixer`.
 
 A mixer is an `nn.Module` built as `Mixer(cfg: ModelConfig, **cfg.mixer_options[name])` with
-- `forward(x)`: `[B, T, d_model]` to `[B, T, d_model]`, causal;
+- `forward(x)`: `[B, T, d_model]` to `[B, T, d_model]`, causal; for windows of packed documents
+  (`data.doc_isolation`) also `forward(x, documents)` with parallel.Documents, each document alone;
 - classmethod `check(cfg, seq_len, **options) -> list[str]`: every problem with that setting;
 - classmethod `attention_flops_per_token(cfg, seq_len, **options) -> float`: the forward FLOPs
   per token of its token-mixing part (everything that is not a weight matmul);

@@ -18,11 +18,12 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
 
+from lsys.data.packing import Batch
 from lsys.train.checkpoint import ZERO_DIR, CheckpointError
 from lsys.train.deepspeed_config import deepspeed_config
-from lsys.train.engine import Batch, StepResult, global_mean, language_model_loss, uses_bf16
+from lsys.train.engine import StepResult, global_mean, language_model_loss, restarts_positions, uses_bf16
 from lsys.train.guard import DivergenceGuard
 from lsys.train.optim import build_optimizer, build_scheduler, parameter_groups
 from parallel import World
@@ -51,13 +52,17 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False
         )
         self.autocast = nullcontext()  # DeepSpeed casts the module itself when bf16 is on
+        self.restart_positions = restarts_positions(cfg)
+
+    def _loss(self, batch: Batch) -> Tensor:
+        return language_model_loss(self.wrapped, batch, self.world.device, self.autocast, self.restart_positions)
 
     def train_step(self, micro_batches: list[Batch], guard: DivergenceGuard) -> StepResult:
         """Backward each micro-batch (DeepSpeed scales by 1/grad_accum and reduces at the boundary), then step."""
         self.wrapped.train()
         loss_sum = torch.zeros((), device=self.world.device)
         for index, batch in enumerate(micro_batches):
-            loss = language_model_loss(self.wrapped, batch, self.world.device, self.autocast)
+            loss = self._loss(batch)
             self.wrapped.backward(loss)
             loss_sum += loss.detach().float() / len(micro_batches)
             if index < len(micro_batches) - 1:
@@ -78,7 +83,7 @@ class DeepSpeedEngine:
     def evaluate(self, batches: Iterable[Batch]) -> float:
         """Mean loss over the batches, averaged over ranks."""
         self.wrapped.eval()
-        losses = [language_model_loss(self.wrapped, batch, self.world.device, self.autocast) for batch in batches]
+        losses = [self._loss(batch) for batch in batches]
         return global_mean(torch.stack(losses).mean().float()).item()
 
     def weight_norm(self) -> float:

@@ -21,12 +21,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lsys.data.config import DataConfig
+from lsys.data.packing import Batch
 from lsys.train.checkpoint import CheckpointError, check_fits
 from lsys.train.guard import DivergenceError, DivergenceGuard
 from lsys.train.optim import build_optimizer, build_scheduler
 from parallel import World
 
-Batch = tuple[Tensor, Tensor]
 # parallel.engine -> the module and class that implement it (DeepSpeed is imported only when chosen).
 ENGINES = {"ddp": ("lsys.train.engine", "DDPEngine"), "deepspeed": ("lsys.train.deepspeed_engine", "DeepSpeedEngine")}
 
@@ -64,11 +65,22 @@ def autocast_for(device: torch.device, precision: str) -> AbstractContextManager
     return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, precision) else nullcontext()
 
 
-def language_model_loss(model: nn.Module, batch: Batch, device: torch.device, autocast) -> Tensor:
-    """Mean next-token cross-entropy of one micro-batch (every window is full)."""
-    inputs, targets = batch
+def restarts_positions(cfg: DictConfig) -> bool:
+    """Whether RoPE positions restart at document starts in packed windows (data.rope_restart, resolved)."""
+    return DataConfig.from_attrs(cfg.data).restarts_positions if "data" in cfg else True
+
+
+def language_model_loss(
+    model: nn.Module, batch: Batch, device: torch.device, autocast, restart_positions: bool = True
+) -> Tensor:
+    """Mean next-token cross-entropy of one micro-batch (every window is full).
+
+    A batch is (inputs, targets), or (inputs, targets, segment_ids) when its windows' documents are kept apart.
+    """
+    inputs, targets, *segments = (t.to(device, non_blocking=True) for t in batch)
+    extra = dict(segment_ids=segments[0], restart_positions=restart_positions) if segments else {}
     with autocast:
-        return model(inputs.to(device, non_blocking=True), targets=targets.to(device, non_blocking=True))
+        return model(inputs, targets=targets, **extra)
 
 
 class DDPEngine:
@@ -79,6 +91,10 @@ class DDPEngine:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, max_steps)
         self.grad_clip = cfg.optim.grad_clip
         self.autocast = autocast_for(world.device, cfg.trainer.precision)
+        self.restart_positions = restarts_positions(cfg)
+
+    def _loss(self, batch: Batch) -> Tensor:
+        return language_model_loss(self.wrapped, batch, self.world.device, self.autocast, self.restart_positions)
 
     def train_step(self, micro_batches: list[Batch], guard: DivergenceGuard) -> StepResult:
         """Accumulate gradients over the micro-batches (syncing on the last), clip, and step.
@@ -92,7 +108,7 @@ class DDPEngine:
             last = index == len(micro_batches) - 1
             sync = nullcontext() if last or self.wrapped is self.model else self.wrapped.no_sync()
             with sync:
-                loss = language_model_loss(self.wrapped, batch, self.world.device, self.autocast) / len(micro_batches)
+                loss = self._loss(batch) / len(micro_batches)
                 loss.backward()
             loss_sum += loss.detach()
         # Every window is full, so the mean of per-rank means is the mean over all target tokens.
@@ -115,7 +131,7 @@ class DDPEngine:
     def evaluate(self, batches: Iterable[Batch]) -> float:
         """Mean loss over the batches, averaged over ranks."""
         self.wrapped.eval()
-        losses = [language_model_loss(self.wrapped, batch, self.world.device, self.autocast) for batch in batches]
+        losses = [self._loss(batch) for batch in batches]
         return global_mean(torch.stack(losses).mean()).item()
 
     def weight_norm(self) -> float:

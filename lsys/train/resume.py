@@ -6,7 +6,8 @@ Settings sort into three kinds:
 - optimizer (`optim.*`): applied to the restored optimizer and schedule only with
   `resume_overrides=apply`, refused otherwise;
 - everything else (model, data, seed, batch and world layout, ...) changes what the run
-  trains: refused. A setting new to lsys since the checkpoint counts as changed too.
+  trains: refused. A setting new to lsys since the checkpoint counts as changed too, unless
+  it holds the value (ADDED) that does what lsys did before the setting existed.
 """
 
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ FREE = (
     "trainer.offload_activations",
 )
 OPTIMIZER = ("optim",)
+# Settings added since earlier checkpoints were saved, with the value that trains as lsys did before them.
+ADDED = {"data.doc_isolation": False, "data.rope_restart": None}
 RESUME_OVERRIDES = ("refuse", "apply")
 
 
@@ -59,7 +62,7 @@ def compare_configs(saved: dict, current: dict, *, engine_may_change: bool = Fal
     old, new = flatten(saved), flatten(current)
     changes = ConfigChanges()
     for key in sorted(old.keys() | new.keys()):
-        before, after = old.get(key, "(unset)"), new.get(key, "(unset)")
+        before, after = old.get(key, ADDED.get(key, "(unset)")), new.get(key, "(unset)")
         if before == after:
             continue
         line = f"{key}: {before} -> {after}"

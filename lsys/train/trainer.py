@@ -19,6 +19,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lsys.config import ConfigError, activation_plan, check_config, device_problems, model_config
 from lsys.data import DataError, SequenceSlices, build_loaders, build_tokenizer
+from lsys.data.config import DataConfig
 from lsys.eval.needle import EvalError, NeedleGrid, check_grid, evaluate_needle
 from lsys.eval.report import mean_answer_loss
 from lsys.models import build_model
@@ -157,6 +158,10 @@ class Trainer:
             f"{self.world.world_size} rank(s) on {self.world.device.type} ({parallelism}), "
             f"{self.tokens_per_step:,} tokens per step, {self.flops_per_token:.3g} FLOPs per token",
         ]
+        data = DataConfig.from_attrs(self.cfg.data)
+        if data.doc_isolation:
+            restart = "from each document's start" if data.restarts_positions else "from the window's start"
+            lines.append(f"documents kept apart in packed windows (data.doc_isolation), positions counted {restart}")
         if self.resumed_from is not None:
             lines.append(f"resumed from {self.resumed_from} at step {self.step} ({self.tokens_seen:,} tokens seen)")
         return "\n".join(lines)
