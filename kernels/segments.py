@@ -25,7 +25,8 @@ def check_segment_ids(
         raise ValueError(f"{op}: {name} must be an integer tensor [B, T], got {got}")
     if tuple(segment_ids.shape) != (batch, seq_len):
         raise ValueError(
-            f"{op}: {name} of shape {tuple(segment_ids.shape)} does not match the sequence [B, T] = [{batch}, {seq_len}]"
+            f"{op}: {name} of shape {tuple(segment_ids.shape)} does not match the sequence "
+            f"[B, T] = [{batch}, {seq_len}]"
         )
     if device is not None and segment_ids.device != device:
         raise ValueError(f"{op}: {name} are on {segment_ids.device} but the inputs are on {device}")

@@ -1,8 +1,11 @@
-"""launch/bench.py's report file: sections replaced in place, new ones before the hand-written notes."""
+"""launch/bench.py's report file (sections replaced in place, new ones before the hand-written notes) and
+the document mix and tile count its isolation benchmark reports."""
 
 from pathlib import Path
 
-from lsys.bench import NOTES_HEADING, write_section
+import torch
+
+from lsys.bench import NOTES_HEADING, document_mix, visited_tile_fraction, write_section
 
 
 def test_sections_are_replaced_in_place_and_new_ones_go_before_the_notes(tmp_path: Path):
@@ -17,3 +20,23 @@ def test_sections_are_replaced_in_place_and_new_ones_go_before_the_notes(tmp_pat
         "## Train\n\nrat 0.90x\n\n## Memory\n\n| a | b |\n\n"
         f"## {NOTES_HEADING}\n\n- written by hand\n"
     )
+
+
+def test_document_mix_fills_the_window_with_documents_of_at_least_8_tokens():
+    ids = document_mix(4096, median=512, seed=1)
+    assert ids.shape == (1, 4096) and ids[0, 0] == 0
+    steps = ids[0, 1:] - ids[0, :-1]
+    assert set(steps.tolist()) <= {0, 1}  # non-decreasing, one id per document
+    lengths = torch.unique_consecutive(ids[0], return_counts=True)[1]
+    assert (lengths[:-1] >= 8).all() and len(lengths) > 2  # only the last one is cut to fit
+
+
+def test_visited_tile_fraction_counts_the_tiles_from_each_query_tiles_document_start():
+    one_document = torch.zeros(1, 256, dtype=torch.long)
+    assert visited_tile_fraction(one_document, tile=64) == 1.0
+    # Four documents of one tile each: every query tile visits only its own diagonal tile, 4 of 10.
+    tile_documents = torch.arange(256)[None] // 64
+    assert visited_tile_fraction(tile_documents, tile=64) == 4 / 10
+    # A document from token 32 to the end: tiles 1-3 start inside it and reach back to tile 0.
+    straddling = (torch.arange(256)[None] >= 32).long()
+    assert visited_tile_fraction(straddling, tile=64) == 1.0

@@ -39,7 +39,8 @@ def _rel_err(a: Tensor, b: Tensor) -> float:
 
 
 def packed_segment_ids(seq_len: int, seed: int, longest: int = 3 * CHUNK + 2) -> Tensor:
-    """`[2, T]`: row 0 documents of random lengths 1..longest (the first two shorter than a chunk), row 1 one document."""
+    """`[2, T]`: row 0 documents of random lengths 1..longest (the first two shorter than a chunk), row 1 one
+    document."""
     generator = torch.Generator().manual_seed(seed)
     lengths = [1, CHUNK - 1]
     while sum(lengths) < seq_len:

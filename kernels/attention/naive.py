@@ -11,8 +11,9 @@ Memory: queries go in chunks of QUERY_CHUNK rows, and each chunk reads only the 
 that one of its rows can see (the causal bound above, the window bound below), so a
 score block is at most [QUERY_CHUNK, Tk] per (batch, head) and key ranges that the whole
 chunk cannot see (including those of documents none of its rows belongs to) are never
-computed. When gradients are needed each chunk runs under activation checkpointing, so backward recomputes the chunk's probabilities instead of
-keeping Tq x Tk of them alive between forward and backward. Holes inside a chunk's key
+computed. When gradients are needed each chunk runs under activation checkpointing, so
+backward recomputes the chunk's probabilities instead of keeping Tq x Tk of them alive
+between forward and backward. Holes inside a chunk's key
 range (S2's unseen blocks) are masked, not skipped; the Triton kernel skips them.
 """
 

@@ -5,10 +5,11 @@ row of its own. With segment ids a document's chunks start at its own first toke
 grid, so every document of every row is laid end to end in ONE row (B' = 1), each starting at a
 chunk boundary and its last chunk padded: pads have k = v = 0 and g = 0, so a pad restarts the
 state, and the summary of a chunk that ends in pads (a document's partial last chunk) is never
-visible, as no later chunk of its document exists. A piece of a longer sequence (`document_offset [B]`, o tokens of its first document came
-before) places that document's first token at o % L inside its chunk, and the slot just before
-it holds the carried state with g = 0: h = g h + (1 - g) x then starts the chunk from exactly
-that state, and the state's gradient comes back as that slot's dk, dv.
+visible, as no later chunk of its document exists. A piece of a longer sequence
+(`document_offset [B]`: o tokens of its first document came before) places that document's
+first token at o % L inside its chunk, and the slot just before it holds the carried state
+with g = 0: h = g h + (1 - g) x then starts the chunk from exactly that state, and the
+state's gradient comes back as that slot's dk, dv.
 
 The kernels then need, per realigned chunk, its rotation (its chunk index within its document)
 and the realigned chunks its document spans, so that summary s is visible to chunk c only when
