@@ -31,7 +31,6 @@ from torch import Tensor
 import kernels
 from kernels.rat.chunk import gated_chunk_scan
 from kernels.rat.documents import chunk_end_slots, rotate
-from kernels.rope import apply_rope, rope_angles
 from kernels.segments import positions_in_document
 from parallel.comm import all_gather
 from parallel.layout import SequenceLayout
@@ -205,9 +204,8 @@ def _fold_in_prefix(
         # the gathered summaries in this rank's graph, so that it joins their backward
         # reduce-scatter, which every other rank waits in.
         return out + prefix_v.sum().to(out.dtype)
-    if rope_base is not None:
-        chunk_ids = (start + torch.arange(q.shape[1], device=q.device)) // chunk_size
-        q = apply_rope(q, *rope_angles(chunk_ids, q.shape[-1], rope_base))
+    chunk_ids = (start + torch.arange(q.shape[1], device=q.device)) // chunk_size
+    q = rotate(q, chunk_ids, rope_base)
     prefix_out, prefix_lse = kernels.attention(
         q, prefix_k.to(q.dtype), prefix_v.to(q.dtype), causal=False, return_lse=True
     )
