@@ -94,7 +94,7 @@ def rat_flex_reference(
     dtype = torch.promote_types(q.dtype, g.dtype)
     shape = (batch, num_chunks, chunk_size, heads, head_dim)
     # A log-depth scan, like the associative scan of the reference code (a loop over L would be slower).
-    (k_state, v_state), _ = gated_chunk_scan(torch.stack([k.to(dtype).view(shape), v.to(dtype).view(shape)]),
+    (k_state, v_state), _ = gated_chunk_scan((k.to(dtype).view(shape), v.to(dtype).view(shape)),
                                              g.to(dtype).view(shape))
 
     cos, sin = rope_angles(torch.arange(num_chunks, device=q.device), head_dim, rope_base)

@@ -131,7 +131,7 @@ def _rat_sp_documents(
     for piece, k_piece, v_piece, g_piece in zip(pieces, k_pieces, v_pieces, g_pieces):
         tail = slice(piece.length - chunk_size, piece.length)
         keep = (positions[:, piece.end - chunk_size : piece.end] % chunk_size != 0).to(state_dtype)
-        streams = torch.stack([k_piece[:, tail], v_piece[:, tail]])[:, :, None].to(state_dtype)
+        streams = [x[:, tail][:, None].to(state_dtype) for x in (k_piece, v_piece)]  # one chunk of L tokens
         _, finals = gated_chunk_scan(streams, g_piece[:, tail][:, None].to(state_dtype), keep[:, None, :, None, None])
         ends.append(finals[:, :, 0])  # [2, B, H, D]
     # [P, pieces, 2, B, H, D], in k's dtype on the way like the summaries

@@ -14,6 +14,8 @@ chunks before it and its own state. Its query and its own state carry the same i
 rotation, which cancels in their dot product, so only queries and summaries are rotated.
 """
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -59,19 +61,24 @@ def _scan(gates: Tensor, values: Tensor, *, reverse: bool = False) -> Tensor:
 
 class _GatedChunkScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, g: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(ctx, g: Tensor, keep: Tensor | None, *streams: Tensor) -> tuple[Tensor, Tensor]:
         # The state carries over with a_t = g_t, or g_t * keep_t where `keep` is 0 at a restart.
         carry = g if keep is None else g * keep
-        states = _scan(carry, torch.addcmul(x, g, x, value=-1))  # b_t = (1 - g_t) x_t
-        ctx.save_for_backward(x, g, carry, keep, states)
+        # b_t = (1 - g_t) x_t of every stream, written straight into the scan's [S, ...] buffer
+        # (stacking the streams first would be one more pass over them).
+        inputs = torch.empty((len(streams), *g.shape), dtype=g.dtype, device=g.device)
+        for x, b in zip(streams, inputs):
+            torch.addcmul(x, g, x, value=-1, out=b)
+        states = _scan(carry, inputs)
+        ctx.save_for_backward(g, carry, keep, states, *streams)
         ctx.set_materialize_grads(False)
         # Each chunk's final state as an output of its own: its gradient is then added to one
         # row, where slicing `states` would cost a zero-filled copy of all of them in backward.
         return states, states[..., -1, :, :].clone()
 
     @staticmethod
-    def backward(ctx, grad_states: Tensor | None, grad_finals: Tensor | None) -> tuple[Tensor, Tensor, None]:
-        x, g, carry, keep, states = ctx.saved_tensors
+    def backward(ctx, grad_states: Tensor | None, grad_finals: Tensor | None) -> tuple[Tensor | None, ...]:
+        g, carry, keep, states, *streams = ctx.saved_tensors
         if grad_states is None:
             grad_states = torch.zeros_like(states)
         else:
@@ -81,20 +88,27 @@ class _GatedChunkScan(torch.autograd.Function):
         next_carry = F.pad(carry[..., 1:, :, :], (0, 0, 0, 0, 0, 1))  # a_{t+1}, and 0 past the chunk's end
         lam = _scan(next_carry, grad_states, reverse=True)
         grad_x = torch.addcmul(lam, g, lam, value=-1)  # (1 - g_t) lam_t
-        # dg_t = lam_t (keep_t h_{t-1} - x_t), summed over the streams that share the gate
-        grad_g = lam * x
-        previous = states[..., :-1, :, :] if keep is None else states[..., :-1, :, :] * keep[..., 1:, :, :]
-        grad_g[..., 1:, :, :].addcmul_(lam[..., 1:, :, :], previous, value=-1)
-        return grad_x, grad_g.sum(0).neg_(), None
+        # dg_t = sum over the streams (which share the gate) of lam_t (keep_t h_{t-1} - x_t), h_{-1} = 0
+        grad_g = torch.empty_like(g)
+        later, earlier = slice(1, None), slice(None, -1)
+        torch.mul(lam[0][..., later, :, :], states[0][..., earlier, :, :], out=grad_g[..., later, :, :])
+        for lam_s, states_s in zip(lam[1:], states[1:]):
+            grad_g[..., later, :, :].addcmul_(lam_s[..., later, :, :], states_s[..., earlier, :, :])
+        if keep is not None:
+            grad_g[..., later, :, :] *= keep[..., later, :, :]
+        grad_g[..., :1, :, :] = 0
+        for lam_s, x in zip(lam, streams):
+            grad_g.addcmul_(lam_s, x, value=-1)
+        return grad_g, None, *grad_x.unbind(0)
 
 
-def gated_chunk_scan(x: Tensor, g: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Running states of streams `x [S, B, C, L, H, D]` under one gate `g [B, C, L, H, D]`, restarting
-    every chunk, and each chunk's final state `[S, B, C, H, D]`.
+def gated_chunk_scan(streams: Sequence[Tensor], g: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Running states `[S, B, C, L, H, D]` of the streams `x [B, C, L, H, D]` (S of them) under one gate
+    `g [B, C, L, H, D]`, restarting every chunk, and each chunk's final state `[S, B, C, H, D]`.
 
     `keep` (0 or 1, broadcast to g, no gradient): where 0, the state also restarts at that step.
     """
-    return _GatedChunkScan.apply(x, g, keep)
+    return _GatedChunkScan.apply(g, keep, *streams)
 
 
 def _rotate_chunks(x: Tensor, first_chunk: int, rope_base: float | None, scale: float = 1.0) -> Tensor:
@@ -174,7 +188,7 @@ def rat_chunk(
             x = F.pad(x, (0, 0, 0, 0, 0, padded_len - seq_len))
         return x.view(batch, num_chunks, chunk_size, heads, head_dim)
 
-    states, finals = gated_chunk_scan(torch.stack([to_chunks(k), to_chunks(v)]), to_chunks(g))
+    states, finals = gated_chunk_scan((to_chunks(k), to_chunks(v)), to_chunks(g))
     k_state, v_state = states  # [B, C, L, H, D] each
     summary_k = _rotate_chunks(finals[0], chunk_start, rope_base)
     summary_v = finals[1]
@@ -229,5 +243,5 @@ def chunk_summaries_chunk(
     def to_chunks(x: Tensor) -> Tensor:
         return x[:, : num_chunks * chunk_size].to(compute_dtype).reshape(shape)
 
-    _, finals = gated_chunk_scan(torch.stack([to_chunks(k), to_chunks(v)]), to_chunks(g))
+    _, finals = gated_chunk_scan((to_chunks(k), to_chunks(v)), to_chunks(g))
     return _rotate_chunks(finals[0], chunk_start, rope_base), finals[1]

@@ -92,7 +92,7 @@ def rat_documents(
 
     keep = F.pad((positions % chunk_size != 0).to(dtype), (0, pad)).view(batch, blocks, chunk_size, 1, 1)
     gates = to_grid(g)
-    states, finals = gated_chunk_scan(torch.stack([to_grid(k), to_grid(v)]), gates, keep)
+    states, finals = gated_chunk_scan((to_grid(k), to_grid(v)), gates, keep)
     # The running state each grid block starts from (its tokens before the first restart take it up).
     if initial_state is None:
         first = finals.new_zeros(2, batch, 1, heads, head_dim)

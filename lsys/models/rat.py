@@ -122,7 +122,7 @@ class RAT(nn.Module):
         if tail:
             # Its running state, which no summary holds: a scan of under L tokens.
             state_dtype = cache.state_keys.dtype
-            streams = torch.stack([k[:, -tail:], v[:, -tail:]])[:, :, None].to(state_dtype)  # one chunk of `tail`
+            streams = [x[:, -tail:][:, None].to(state_dtype) for x in (k, v)]  # one chunk of `tail` tokens
             _, finals = gated_chunk_scan(streams, forget[:, -tail:][:, None].to(state_dtype))
             cache.state_keys[:], cache.state_values[:] = finals
         cache.lengths += x.shape[1]
