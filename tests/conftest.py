@@ -39,20 +39,22 @@ def compose_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def train_command(overrides: list[str], nproc: int = 1) -> list[str]:
+def train_command(overrides: list[str], nproc: int = 1, script: str = "launch/train.py") -> list[str]:
     if nproc == 1:
-        return [sys.executable, str(REPO / "launch/train.py"), *overrides]
+        return [sys.executable, str(REPO / script), *overrides]
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        str(REPO / "launch/train.py"), *overrides,
+        str(REPO / script), *overrides,
     ]
 
 
-def run_train(overrides: list[str], cwd: Path, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a training job in `cwd`; returns the finished process with its output."""
+def run_train(
+    overrides: list[str], cwd: Path, nproc: int = 1, timeout: float = 300, script: str = "launch/train.py"
+) -> subprocess.CompletedProcess:
+    """Run a training job (launch/train.py, or `script`: launch/sft.py) in `cwd`; returns the finished process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        train_command(overrides, nproc), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        train_command(overrides, nproc, script), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -1,5 +1,7 @@
 """Activation checkpointing, tiled loss and MLP, and offload: the same losses and gradients, less held for backward."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,10 +107,11 @@ def test_tiled_cross_entropy_equals_the_plain_head():
     weight = torch.randn(50, 16, dtype=torch.float64, generator=generator, requires_grad=True)
     targets = torch.randint(0, 50, (37,), generator=generator)
     targets[[3, 20, 21]] = -100  # ignored, as masked prompt tokens will be
-    for chunk in (1, 8, 37, 64):  # one row, a partial last slice, exactly one slice, more than all
-        expected = F.cross_entropy(F.linear(hidden, weight), targets)
+    for chunk, reduction in itertools.product((1, 8, 37, 64), ("mean", "sum")):  # one row, a partial last slice,
+        # exactly one slice, more than all
+        expected = F.cross_entropy(F.linear(hidden, weight), targets, reduction=reduction)
         expected_grads = torch.autograd.grad(2.5 * expected, (hidden, weight))
-        loss = tiled_cross_entropy(hidden, weight, targets, chunk=chunk)
+        loss = tiled_cross_entropy(hidden, weight, targets, chunk=chunk, reduction=reduction)
         grads = torch.autograd.grad(2.5 * loss, (hidden, weight))  # a scaled loss scales the gradients
         torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
         for grad, expected_grad in zip(grads, expected_grads):

@@ -557,7 +557,8 @@ def test_isolation_needs_a_tokenizer_with_eos(corpus):
 def test_every_data_config_sets_the_isolation_keys(option):
     data = compose_config([f"data={option}"]).data
     assert "doc_isolation" in data and "rope_restart" in data  # in the yaml, not only the dataclass default
-    assert data.doc_isolation is False and data.rope_restart is None
+    # Pretraining text keeps documents apart only when asked; SFT packs whole examples, always apart.
+    assert data.doc_isolation is (data.get("format", "text") != "text") and data.rope_restart is None
 
 
 # --- the stdlib corpus ----------------------------------------------------------------------

@@ -49,9 +49,12 @@ SETUPS = {
 }
 
 
-def compose_config(overrides: list[str], model: str = "rat_tiny", seq_len: int = SEQ_LEN):
+def compose_config(
+    overrides: list[str], model: str = "rat_tiny", seq_len: int = SEQ_LEN, micro_batch: int = MICRO_BATCH,
+    grad_accum: int = 1,
+):
     base = [f"model={model}", "model.d_model=64", "model.n_layers=2", "model.ffn_dim=128", f"data.seq_len={seq_len}",
-            f"trainer.micro_batch_size={MICRO_BATCH}", "optim.warmup_fraction=0"]
+            f"trainer.micro_batch_size={micro_batch}", f"trainer.grad_accum={grad_accum}", "optim.warmup_fraction=0"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=[*base, *overrides])
 
@@ -59,6 +62,20 @@ def compose_config(overrides: list[str], model: str = "rat_tiny", seq_len: int =
 def fixed_batches(rows: int, seq_len: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(7)
     return [torch.randint(0, 257, (rows, seq_len + 1), generator=generator) for _ in range(STEPS)]
+
+
+def answer_steps(rows: slice) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per step, this rank's two micro-batches of one window each, whose targets carry loss only in random
+    spans (-100 elsewhere, as SFT's prompts): the micro-batches and ranks hold different numbers of them."""
+    generator = torch.Generator().manual_seed(8)
+    steps = []
+    for tokens in fixed_batches(2 * MICRO_BATCH, SEQ_LEN):
+        targets = tokens[:, 1:].clone()
+        prompt = torch.rand(2 * MICRO_BATCH, SEQ_LEN // 4, generator=generator) < 0.6
+        targets[prompt.repeat_interleave(4, dim=1)] = -100
+        inputs, targets = tokens[rows, :-1], targets[rows]
+        steps.append([(inputs[:1], targets[:1]), (inputs[1:], targets[1:])])
+    return steps
 
 
 def held_bytes(engine, model) -> dict[str, float]:
@@ -78,13 +95,12 @@ def _stages_worker(rank: int, world_size: int, out_file: str, export_dir: str) -
     rows = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
     results = {}
     for name, overrides in SETUPS.items():
-        cfg = compose_config(overrides)
+        cfg = compose_config(overrides, micro_batch=1, grad_accum=2)  # as answer_steps lays the windows
         torch.manual_seed(0)
         model = build_model(model_config(cfg), activations=activation_plan(cfg.trainer))
         engine = build_engine(model, cfg, world=world, max_steps=STEPS)
         guard = DivergenceGuard(**OPEN_GUARD)
-        steps = [engine.train_step([(batch[rows, :-1], batch[rows, 1:])], guard)
-                 for batch in fixed_batches(world_size * MICRO_BATCH, SEQ_LEN)]
+        steps = [engine.train_step(micro_batches, guard) for micro_batches in answer_steps(rows)]
         results[name] = {
             "loss": [step.loss for step in steps], "grad_norm": [step.grad_norm for step in steps],
             "weight_norm": steps[-1].weight_norm, "held": held_bytes(engine, model), "parameters": model.num_params(),

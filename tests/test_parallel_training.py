@@ -32,74 +32,83 @@ def compose_config(model: str, parallel: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def isolation(isolated: bool) -> list[str]:
-    return ["data.doc_isolation=true"] if isolated else []
+# What the windows hold: "plain" text, or "answers": packed documents kept apart (segment ids) whose targets
+# carry loss only in random spans (-100 elsewhere, as SFT's prompts), so that ranks and sequence pieces hold
+# different numbers of counted targets.
 
 
-def global_batches(dp: int, isolated: bool) -> list[tuple[torch.Tensor, ...]]:
-    """Per step: tokens `[dp * B, T + 1]`, and with `isolated` segment ids `[dp * B, T]` of random documents."""
+def isolation(data: str) -> list[str]:
+    return [] if data == "plain" else ["data.doc_isolation=true"]
+
+
+def global_batches(dp: int, data: str) -> list[tuple[torch.Tensor, ...]]:
+    """Per step: inputs and targets `[dp * B, T]`, and segment ids of random documents unless `data` is plain."""
     generator = torch.Generator().manual_seed(7)
     batches = []
     for _ in range(STEPS):
         tokens = torch.randint(0, 257, (dp * MICRO_BATCH, SEQ_LEN + 1), generator=generator)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
         # A document starts after about one token in nine: some shorter than a RAT chunk, most across ranks.
         starts = torch.rand(dp * MICRO_BATCH, SEQ_LEN, generator=generator) < 0.11
-        batches.append((tokens, starts.cumsum(dim=1)) if isolated else (tokens,))
+        if data == "answers":  # spans of about eight targets, each a prompt (-100) or an answer
+            prompt = torch.rand(dp * MICRO_BATCH, SEQ_LEN // 8, generator=generator) < 0.6
+            targets[prompt.repeat_interleave(8, dim=1)] = -100
+        batches.append((inputs, targets) if data == "plain" else (inputs, targets, starts.cumsum(dim=1)))
     return batches
 
 
-def train_losses(cfg, world: World, rows: slice, positions: torch.Tensor, dp: int, isolated: bool) -> list[float]:
+def train_losses(cfg, world: World, rows: slice, positions: torch.Tensor, dp: int, data: str) -> list[float]:
     """Five AdamW steps through the DDP engine on this rank's rows and token positions of fixed batches."""
     torch.manual_seed(0)
     engine = DDPEngine(build_model(model_config(cfg), activations=activation_plan(cfg.trainer)), cfg, world=world,
                        max_steps=STEPS)
     guard = DivergenceGuard(spike_factor=None, window=1, max_grad_norm=None, max_weight_growth=None)
     losses = []
-    for tokens, *segments in global_batches(dp, isolated):
-        batch = (tokens[rows, :-1], tokens[rows, 1:], *(ids[rows] for ids in segments))
-        losses.append(engine.train_step([tuple(x[:, positions] for x in batch)], guard).loss)
+    for batch in global_batches(dp, data):
+        losses.append(engine.train_step([tuple(x[rows][:, positions] for x in batch)], guard).loss)
     return losses
 
 
-def _parallel_worker(rank: int, world_size: int, sp: int, mode: str, isolated: bool, out_file: str) -> None:
+def _parallel_worker(rank: int, world_size: int, sp: int, mode: str, data: str, out_file: str) -> None:
     world = World(rank, world_size, 0, torch.device("cpu"))
     results = {}
     for model in MODELS:
         # Split over ranks and recomputed in backward (DDP, every sequence-parallel op), against one plain process.
-        parallel = [f"parallel.sp={sp}", f"parallel.sp_mode={mode}", *RECOMPUTED, *isolation(isolated)]
+        parallel = [f"parallel.sp={sp}", f"parallel.sp_mode={mode}", *RECOMPUTED, *isolation(data)]
         cfg = compose_config(model, parallel)
         mesh = init_mesh(world, sp=sp, sp_mode=mode, layout=cfg.parallel.layout)
         rows = slice(mesh.dp_rank * MICRO_BATCH, (mesh.dp_rank + 1) * MICRO_BATCH)
         positions = mesh.layout.positions(mesh.sp_rank, SEQ_LEN)
-        results[model] = train_losses(cfg, world, rows, positions, mesh.dp, isolated)
+        results[model] = train_losses(cfg, world, rows, positions, mesh.dp, data)
     if rank == 0:
         Path(out_file).write_text(json.dumps(results))
 
 
-def single_process_losses(dp: int, isolated: bool) -> dict[str, list[float]]:
+def single_process_losses(dp: int, data: str) -> dict[str, list[float]]:
     world = World(0, 1, 0, torch.device("cpu"))
     results = {}
     for model in MODELS:
         init_mesh(world)
-        cfg = compose_config(model, isolation(isolated))
-        results[model] = train_losses(cfg, world, slice(None), torch.arange(SEQ_LEN), dp, isolated)
+        cfg = compose_config(model, isolation(data))
+        results[model] = train_losses(cfg, world, slice(None), torch.arange(SEQ_LEN), dp, data)
     shutdown()
     return results
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "world_size, sp, isolated", [(2, 2, False), (4, 2, False), (2, 2, True)],
-    ids=["dp1-sp2", "dp2-sp2", "dp1-sp2-documents"],
+    "world_size, sp, data", [(2, 2, "plain"), (4, 2, "plain"), (2, 2, "answers"), (2, 1, "answers")],
+    ids=["dp1-sp2", "dp2-sp2", "dp1-sp2-answers", "dp2-sp1-answers"],
 )
-def test_sequence_parallel_training_matches_one_process(world_size: int, sp: int, isolated: bool, tmp_path: Path):
-    """With `isolated`, windows of packed documents (segment ids) kept apart by every op and its sp path."""
+def test_sequence_parallel_training_matches_one_process(world_size: int, sp: int, data: str, tmp_path: Path):
+    """With "answers", windows of packed documents (segment ids) kept apart by every op and its sp path, and a loss
+    over the counted targets of the whole step, however unevenly they fall on the ranks and pieces."""
     out_file = tmp_path / "losses.json"
-    run_local_ranks(_parallel_worker, world_size, sp, "ring", isolated, str(out_file))
+    run_local_ranks(_parallel_worker, world_size, sp, "ring", data, str(out_file))
     parallel = json.loads(out_file.read_text())
-    expected = single_process_losses(dp=world_size // sp, isolated=isolated)
-    if isolated:  # the documents are kept apart: other losses than the same windows packed plainly
-        plain = single_process_losses(dp=world_size // sp, isolated=False)
+    expected = single_process_losses(dp=world_size // sp, data=data)
+    if data != "plain":  # the documents are kept apart: other losses than the same windows packed plainly
+        plain = single_process_losses(dp=world_size // sp, data="plain")
         assert all(abs(a - b) > 1e-4 for model in MODELS for a, b in zip(expected[model][1:], plain[model][1:]))
     for model in MODELS:
         assert len(set(expected[model])) == STEPS  # the loss moves, so agreement is informative

@@ -1,10 +1,12 @@
-"""Text data for training: sources, tokenizers, packing into windows, and dp-sharded loaders."""
+"""Data for training: sources, tokenizers, packing into windows (text, and SFT examples), and dp-sharded loaders."""
 
+from lsys.data.chat import load_chat_template
 from lsys.data.config import DataConfig
 from lsys.data.errors import DataError
 from lsys.data.loader import PackedLoader, SequenceSlices, ValLoader, build_loaders
 from lsys.data.packing import segment_ids
-from lsys.data.sources import load_source
+from lsys.data.sft import ExampleWindows
+from lsys.data.sources import load_examples, load_source
 from lsys.data.streaming import StreamingLoader, StreamingValLoader
 from lsys.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
@@ -12,6 +14,7 @@ __all__ = [
     "ByteTokenizer",
     "DataConfig",
     "DataError",
+    "ExampleWindows",
     "HFTokenizer",
     "PackedLoader",
     "SequenceSlices",
@@ -21,6 +24,8 @@ __all__ = [
     "ValLoader",
     "build_loaders",
     "build_tokenizer",
+    "load_chat_template",
+    "load_examples",
     "load_source",
     "segment_ids",
 ]

@@ -12,21 +12,27 @@ for every rank, so one JSON file resumes all of them at the exact next batch.
 
 With `data.doc_isolation` every loader's batches are `(inputs, targets, segment_ids)`
 (`lsys.data.packing.segment_ids`); the ids are a function of the inputs, so resuming is unchanged.
+
+SFT formats (`data.format` messages or prompt_response) go through the same two loaders over
+windows of whole, loss-masked examples (`lsys.data.sft`, made in memory like the token stream):
+every batch is `(inputs, targets, segment_ids)`, and sharding, shuffling and resuming are as above.
 """
 
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, TypeVar
 
 import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from lsys.data.chat import load_chat_template
 from lsys.data.config import DataConfig
 from lsys.data.errors import DataError
 from lsys.data.packing import Batch, TokenWindows, check_batch_layout, token_stream, tokenize_documents
-from lsys.data.sources import load_source
+from lsys.data.sft import ExampleWindows, example_windows, tokenize_examples
+from lsys.data.sources import load_examples, load_source
 from lsys.data.streaming import StreamingLoader, StreamingValLoader
 from lsys.data.tokenizer import Tokenizer
 
@@ -35,15 +41,27 @@ logger = logging.getLogger(__name__)
 Result = TypeVar("Result")
 
 
+class Windows(Protocol):
+    """Windows held in memory that the loaders shard: `packing.TokenWindows` or `sft.ExampleWindows`."""
+
+    count: int
+    seq_len: int
+
+    def batch(self, window_ids: torch.Tensor) -> Batch:
+        """The batch of these windows, int64 `[len(window_ids), seq_len]` each."""
+
+
 class PackedLoader:
     """Endless training batches `(inputs, targets)`, int64 `[B, T]`, of one rank, epoch after epoch.
 
-    With `eos_id` (document isolation) each batch also carries its `segment_ids`, documents ending at that id.
+    `tokens`: a token stream, cut into `TokenWindows`, or windows already made (SFT `ExampleWindows`,
+    whose batches are triples). With `eos_id` (document isolation; a stream only) each batch also
+    carries its `segment_ids`, documents ending at that id.
     """
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        tokens: np.ndarray | Windows,
         *,
         seq_len: int,
         micro_batch_size: int,
@@ -57,12 +75,13 @@ class PackedLoader:
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.seed = seed
-        self._windows = TokenWindows(tokens, seq_len, eos_id=eos_id)
+        self._windows = as_windows(tokens, seq_len=seq_len, eos_id=eos_id)
         self._windows_per_step = dp_size * micro_batch_size
         self.batches_per_epoch = self._windows.count // self._windows_per_step
         if self.batches_per_epoch == 0:
+            made = f"{len(tokens)} tokens make" if isinstance(tokens, np.ndarray) else "its examples make"
             raise DataError(
-                f"data set '{name}' is too small: {len(tokens)} tokens make {self._windows.count} window(s) of "
+                f"data set '{name}' is too small: {made} {self._windows.count} window(s) of "
                 f"seq_len {seq_len}, and one step needs {self._windows_per_step} "
                 f"(dp_size {dp_size} x micro_batch_size {micro_batch_size}); use more data or a shorter seq_len"
             )
@@ -121,12 +140,12 @@ class PackedLoader:
 class ValLoader:
     """The validation stream's windows in order, sharded over dp ranks like training; no shuffle.
 
-    `eos_id`: as in `PackedLoader`.
+    `tokens` and `eos_id`: as in `PackedLoader`.
     """
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        tokens: np.ndarray | Windows,
         *,
         seq_len: int,
         micro_batch_size: int,
@@ -137,7 +156,7 @@ class ValLoader:
         check_batch_layout(seq_len=seq_len, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
-        self._windows = TokenWindows(tokens, seq_len, eos_id=eos_id)
+        self._windows = as_windows(tokens, seq_len=seq_len, eos_id=eos_id)
         self._windows_per_step = dp_size * micro_batch_size
         self.num_batches = self._windows.count // self._windows_per_step
 
@@ -153,6 +172,17 @@ class ValLoader:
             yield self._windows.batch(torch.arange(first, first + self.micro_batch_size))
 
 
+def as_windows(tokens: np.ndarray | Windows, *, seq_len: int, eos_id: int | None) -> Windows:
+    """A token stream cut into `TokenWindows`, or windows already made, checked against seq_len."""
+    if isinstance(tokens, np.ndarray):
+        return TokenWindows(tokens, seq_len, eos_id=eos_id)
+    if tokens.seq_len != seq_len:
+        raise DataError(f"the windows are {tokens.seq_len} tokens long, but the loader's seq_len is {seq_len}")
+    if eos_id is not None:
+        raise DataError("eos_id cuts a token stream into documents; windows already made carry their own segment_ids")
+    return tokens
+
+
 def build_loaders(
     data_cfg: Any,
     *,
@@ -163,10 +193,17 @@ def build_loaders(
     seed: int,
     tokenizer: Tokenizer,
 ) -> tuple[PackedLoader | StreamingLoader, ValLoader | StreamingValLoader | None]:
-    """The (train, validation) loaders of this dp rank for a data config (fields: `lsys.data.config`)."""
+    """The (train, validation) loaders of this dp rank for a data config (fields: `lsys.data.config`).
+
+    `data.format` text: documents, packed as a token stream (map-style) or streamed (hub). SFT formats:
+    `PackedLoader`/`ValLoader` over `lsys.data.sft` windows; with an HF tokenizer, `data_cfg.tokenizer`
+    (the settings it was built from: path, eos_token) finds its own chat template and its EOS text.
+    """
     cfg = DataConfig.from_attrs(data_cfg)
     layout = {"seq_len": seq_len, "micro_batch_size": micro_batch_size, "dp_rank": dp_rank, "dp_size": dp_size}
     check_batch_layout(**layout)
+    if cfg.is_sft:
+        return _example_loaders(cfg, data_cfg, seed=seed, tokenizer=tokenizer, layout=layout)
     eos_id = document_end_id(cfg, tokenizer)
     train_documents, val_documents = _rank_zero_first(lambda: load_source(cfg, seq_len=seq_len, tokenizer=tokenizer))
 
@@ -193,14 +230,79 @@ def build_loaders(
     if val_documents is None:
         return train, None
     val = ValLoader(_rank_zero_first(lambda: tokens_of(val_documents, "validation", None)), eos_id=eos_id, **layout)
-    if val.num_batches == 0:
-        logger.warning(
-            "data '%s': the validation split is shorter than one global batch (%d windows of seq_len %d); "
-            "validation is off. Raise data.val_fraction or give data.val_path.",
-            cfg.name, dp_size * micro_batch_size, seq_len,
+    return train, _usable_validation(val, name=cfg.name, layout=layout)
+
+
+def _example_loaders(
+    cfg: DataConfig, data_cfg: Any, *, seed: int, tokenizer: Tokenizer, layout: dict[str, int]
+) -> tuple[PackedLoader, ValLoader | None]:
+    """`build_loaders` for SFT examples: loss-masked windows of whole examples (`lsys.data.sft`)."""
+    eos_id = getattr(tokenizer, "eos_id", None)
+    if eos_id is None:
+        raise DataError(
+            f"data.format '{cfg.format}' needs a tokenizer with an EOS id to end answers and pad windows, "
+            f"and {type(tokenizer).__name__} has none"
         )
+    tokenizer_path, eos_token = _hf_tokenizer_settings(data_cfg)
+    if eos_token is not None and tokenizer.encode(eos_token) != [eos_id]:
+        raise DataError(
+            f"data.tokenizer.eos_token '{eos_token}' does not encode to the tokenizer's EOS id {eos_id}, "
+            "so chat templates could not end answers with it; data.tokenizer must be the tokenizer's own settings"
+        )
+    template = load_chat_template(
+        cfg.chat_template, tokenizer_path=tokenizer_path, eos_id=eos_id, eos_token=eos_token
+    )
+    logger.info("data '%s': %s examples, rendered with the chat template '%s'", cfg.name, cfg.format, template.name)
+    train_examples, val_examples = _rank_zero_first(lambda: load_examples(cfg))
+
+    def windows_of(examples: datasets.Dataset, split: str) -> ExampleWindows:
+        where = f"data set '{cfg.name}' ({split})"
+        tokenized = tokenize_examples(
+            examples, format=cfg.format, fields=list(cfg.example_fields.values()), template=template,
+            tokenizer=tokenizer, num_proc=cfg.num_proc, where=where,
+        )
+        return example_windows(
+            tokenized, seq_len=layout["seq_len"], packing=cfg.packing, truncation=cfg.truncation, pad_id=eos_id,
+            where=where,
+        )
+
+    train_windows = _rank_zero_first(lambda: windows_of(train_examples, "train"))
+    train = PackedLoader(train_windows, seed=seed, name=cfg.name, **layout)
+    logger.info(
+        "data '%s': %d batches of %d tokens per rank per epoch",
+        cfg.name, train.batches_per_epoch, train.tokens_per_batch,
+    )
+    if val_examples is None:
         return train, None
-    return train, val
+    val = ValLoader(_rank_zero_first(lambda: windows_of(val_examples, "validation")), **layout)
+    return train, _usable_validation(val, name=cfg.name, layout=layout)
+
+
+def _usable_validation(val: ValLoader, *, name: str, layout: dict[str, int]) -> ValLoader | None:
+    """The validation loader, or None (with a warning) when it cannot fill one global batch."""
+    if val.num_batches > 0:
+        return val
+    logger.warning(
+        "data '%s': the validation split is shorter than one global batch (%d windows of seq_len %d); "
+        "validation is off. Raise data.val_fraction or give data.val_path.",
+        name, layout["dp_size"] * layout["micro_batch_size"], layout["seq_len"],
+    )
+    return None
+
+
+def _hf_tokenizer_settings(data_cfg: Any) -> tuple[str | None, str | None]:
+    """(path, eos_token) of `data_cfg.tokenizer` when it names an HF tokenizer, else (None, None)."""
+    settings = _setting(data_cfg, "tokenizer")
+    if settings is None or _setting(settings, "kind") != "hf":
+        return None, None
+    return _setting(settings, "path"), _setting(settings, "eos_token")
+
+
+def _setting(cfg: Any, key: str) -> Any:
+    # A mapping (dict, OmegaConf DictConfig) or an attribute-access object, as `DataConfig.from_attrs` reads.
+    if isinstance(cfg, Mapping):
+        return cfg[key] if key in cfg else None
+    return getattr(cfg, key, None)
 
 
 def document_end_id(cfg: DataConfig, tokenizer: Tokenizer) -> int | None:

@@ -19,16 +19,24 @@ check runs before `datasets` reads anything, so the warning shows on every run, 
 Validation split (`stdlib`, and `files` without `val_path`): a document is held out when a
 BLAKE2b hash of its text falls below `val_fraction`. The split is the same on every machine and
 rank, whatever the file order or mount point, and exact duplicates always land on the same side.
+
+SFT examples (`data.format` messages or prompt_response; `load_examples`) are whole records:
+`files` reads `.jsonl`/`.json`/`.parquet` files, `hub` the map-style (downloaded, not streamed)
+split. They keep the format's fields, plus `ROW_COLUMN`: each record's row, counted from 0 in read
+order, so an error can name the example. Validation: `val_path` (files), `val_split` (hub), else
+the hash split above over a canonical JSON dump of the fields (`example_key`).
 """
 
 import codecs
 import glob
 import hashlib
+import json
 import logging
 import sysconfig
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow.parquet as pq
 
 from lsys.data.config import DataConfig
@@ -49,6 +57,8 @@ BUILDER_BY_EXTENSION = {
 }
 _GLOB_CHARS = "*?["
 _HASH_RANGE = 2**64
+RECORD_BUILDERS = ("json", "parquet")  # the builders whose rows are records: what SFT examples are read from
+ROW_COLUMN = "_row"  # SFT records: the row each was read from, for error messages
 
 
 # (train, validation) documents; validation is None when it is turned off.
@@ -86,6 +96,29 @@ def load_source(cfg: DataConfig, *, seq_len: int, tokenizer: Tokenizer) -> MapSp
             raise DataError("data.path is required for source 'hub': the data set id, e.g. 'HuggingFaceFW/fineweb-edu'")
         return load_hub(cfg.path, hub_config=cfg.hub_config, split=cfg.split, val_split=cfg.val_split)
     raise DataError(f"data.source '{cfg.source}' is unknown; expected 'stdlib', 'files', 'hub' or 'passkey'")
+
+
+def load_examples(cfg: DataConfig) -> MapSplits:
+    """The (train, validation) SFT records of an SFT `cfg.format`: its fields plus ROW_COLUMN, map-style."""
+    fields = cfg.example_fields
+    if cfg.source == "files":
+        if cfg.path is None:
+            raise DataError("data.path is required for source 'files'")
+        files = resolve_files(cfg.path, field="data.path")
+        train = load_records(files, fields=fields, num_proc=cfg.num_proc, name=cfg.name)
+        if cfg.val_path is not None:
+            val_files = resolve_files(cfg.val_path, field="data.val_path")
+            return train, load_records(val_files, fields=fields, num_proc=cfg.num_proc, name=f"{cfg.name} (val_path)")
+    elif cfg.source == "hub":
+        if cfg.path is None:
+            raise DataError("data.path is required for source 'hub': the data set id, e.g. 'HuggingFaceH4/no_robots'")
+        hub_kwargs = {"hub_config": cfg.hub_config, "fields": fields, "num_proc": cfg.num_proc, "name": cfg.name}
+        train = load_hub_records(cfg.path, split=cfg.split, **hub_kwargs)
+        if cfg.val_split is not None:
+            return train, load_hub_records(cfg.path, split=cfg.val_split, **hub_kwargs)
+    else:
+        raise DataError(f"data.format '{cfg.format}' reads examples from source 'files' or 'hub', not '{cfg.source}'")
+    return split_examples(train, fields=list(fields.values()), val_fraction=cfg.val_fraction, name=cfg.name)
 
 
 def stdlib_files() -> list[Path]:
@@ -127,6 +160,56 @@ def load_hub(path: str, *, hub_config: str | None, split: str, val_split: str | 
     except (OSError, ValueError) as error:  # ConnectionError, DatasetNotFoundError, unknown split or config
         raise DataError(f"data.path '{path}' (config {hub_config}) cannot be opened from the hub: {error}") from None
     return train, val
+
+
+def load_records(files: list[Path], *, fields: dict[str, str], num_proc: int, name: str) -> datasets.Dataset:
+    """The `fields` columns (keyed by their settings) of every row of jsonl/json/parquet files, plus ROW_COLUMN."""
+    for file in files:
+        if BUILDER_BY_EXTENSION[file.suffix.lower()] not in RECORD_BUILDERS:
+            raise DataError(
+                f"data set '{name}': SFT examples are read from .jsonl/.json/.parquet records, and '{file}' is a "
+                f"{file.suffix} file; name the record files (e.g. a glob such as 'dir/*.jsonl')"
+            )
+    by_builder: dict[str, list[str]] = {}
+    for file in _drop_non_utf8(files, name=name):
+        by_builder.setdefault(BUILDER_BY_EXTENSION[file.suffix.lower()], []).append(str(file))
+    parts = []
+    if "json" in by_builder:
+        rows = datasets.load_dataset("json", data_files=by_builder["json"], split="train", num_proc=num_proc)
+        _check_columns(rows.column_names, fields, where=f"the jsonl/json files of '{name}'")
+        parts.append(rows.select_columns(list(fields.values())))
+    if "parquet" in by_builder:
+        _check_parquet_columns(by_builder["parquet"], fields)
+        parts.append(
+            datasets.load_dataset(
+                "parquet", data_files=by_builder["parquet"], columns=list(fields.values()), split="train",
+                num_proc=num_proc,
+            )
+        )
+    if not parts:
+        raise DataError(f"data set '{name}' is empty: none of its {len(files)} file(s) is UTF-8 text")
+    try:
+        records = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    except ValueError:  # the features differ
+        raise DataError(
+            f"data set '{name}': its jsonl/json and parquet files hold the fields in different types "
+            f"({parts[0].features} and {parts[1].features}); convert them to one format"
+        ) from None
+    return _numbered(records, name=name)
+
+
+def load_hub_records(
+    path: str, *, hub_config: str | None, split: str, fields: dict[str, str], num_proc: int, name: str
+) -> datasets.Dataset:
+    """One split of a hub data set, downloaded (map-style): its `fields` columns plus ROW_COLUMN."""
+    try:
+        rows = datasets.load_dataset(path, name=hub_config, split=split, num_proc=num_proc)
+    except (OSError, ValueError) as error:  # ConnectionError, DatasetNotFoundError, unknown split or config
+        raise DataError(
+            f"data.path '{path}' (config {hub_config}, split {split}) cannot be opened from the hub: {_one_line(error)}"
+        ) from None
+    _check_columns(rows.column_names, fields, where=f"split '{split}' of '{path}'")
+    return _numbered(rows.select_columns(list(fields.values())), name=name)
 
 
 def resolve_files(path: str | list[str], *, field: str) -> list[Path]:
@@ -175,7 +258,7 @@ def load_documents(files: list[Path], *, text_field: str, num_proc: int, name: s
         rows = datasets.load_dataset("json", data_files=by_builder["json"], split="train", num_proc=num_proc)
         parts.append(_as_text_column(rows, text_field, kind="jsonl/json", name=name))
     if "parquet" in by_builder:
-        _check_parquet_columns(by_builder["parquet"], text_field)
+        _check_parquet_columns(by_builder["parquet"], {"data.text_field": text_field})
         rows = datasets.load_dataset(
             "parquet", data_files=by_builder["parquet"], columns=[text_field], split="train", num_proc=num_proc
         )
@@ -198,19 +281,20 @@ def split_documents(documents: datasets.Dataset, *, val_fraction: float, name: s
     split_kwargs = {"batched": True, "input_columns": "text", "desc": f"splitting {name}"}
     train = documents.filter(_in_split, fn_kwargs={"val_fraction": val_fraction, "validation": False}, **split_kwargs)
     val = documents.filter(_in_split, fn_kwargs={"val_fraction": val_fraction, "validation": True}, **split_kwargs)
-    if len(train) == 0:
-        raise DataError(
-            f"data set '{name}' has no training documents: all {len(val)} fell in the validation split; "
-            "lower data.val_fraction or give data.val_path"
-        )
-    if len(val) == 0:
-        logger.warning(
-            "data set '%s': none of its %d documents fell in the validation split (val_fraction %s); "
-            "validation is off. Raise data.val_fraction or give data.val_path.",
-            name, len(train), val_fraction,
-        )
-        return train, None
-    return train, val
+    return _checked_split(train, val, val_fraction=val_fraction, name=name, unit="documents")
+
+
+def split_examples(records: datasets.Dataset, *, fields: list[str], val_fraction: float, name: str) -> MapSplits:
+    """(train, validation) by a hash of each record's `fields` (`example_key`); validation None if it gets nothing."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"data.val_fraction {val_fraction} must be in [0, 1)")
+    if val_fraction == 0.0:
+        return records, None
+    split_kwargs = {"batched": True, "input_columns": fields, "desc": f"splitting {name}"}
+    split = {"fields": fields, "val_fraction": val_fraction}
+    train = records.filter(_example_in_split, fn_kwargs={**split, "validation": False}, **split_kwargs)
+    val = records.filter(_example_in_split, fn_kwargs={**split, "validation": True}, **split_kwargs)
+    return _checked_split(train, val, val_fraction=val_fraction, name=name, unit="examples")
 
 
 def in_validation_split(text: str, val_fraction: float) -> bool:
@@ -219,8 +303,36 @@ def in_validation_split(text: str, val_fraction: float) -> bool:
     return int.from_bytes(digest, "big") < val_fraction * _HASH_RANGE
 
 
+def example_key(values: dict[str, object]) -> str:
+    """The text an SFT record is hashed by for the validation split: its fields as canonical JSON."""
+    return json.dumps(values, sort_keys=True, ensure_ascii=False, default=str)
+
+
 def _in_split(texts: list[str], val_fraction: float, validation: bool) -> list[bool]:
     return [in_validation_split(text, val_fraction) == validation for text in texts]
+
+
+def _example_in_split(*columns: list, fields: list[str], val_fraction: float, validation: bool) -> list[bool]:
+    keys = (example_key(dict(zip(fields, values))) for values in zip(*columns))
+    return [in_validation_split(key, val_fraction) == validation for key in keys]
+
+
+def _checked_split(
+    train: datasets.Dataset, val: datasets.Dataset, *, val_fraction: float, name: str, unit: str
+) -> MapSplits:
+    if len(train) == 0:
+        raise DataError(
+            f"data set '{name}' has no training {unit}: all {len(val)} fell in the validation split; "
+            "lower data.val_fraction or give data.val_path"
+        )
+    if len(val) == 0:
+        logger.warning(
+            "data set '%s': none of its %d %s fell in the validation split (val_fraction %s); "
+            "validation is off. Raise data.val_fraction or give data.val_path.",
+            name, len(train), unit, val_fraction,
+        )
+        return train, None
+    return train, val
 
 
 def _has_text(texts: list[str | None]) -> list[bool]:
@@ -228,23 +340,32 @@ def _has_text(texts: list[str | None]) -> list[bool]:
 
 
 def _as_text_column(rows: datasets.Dataset, text_field: str, *, kind: str, name: str) -> datasets.Dataset:
-    if text_field not in rows.column_names:
-        raise DataError(
-            f"data.text_field '{text_field}' is not a column of the {kind} files of '{name}' "
-            f"(columns: {', '.join(rows.column_names)})"
-        )
+    _check_columns(rows.column_names, {"data.text_field": text_field}, where=f"the {kind} files of '{name}'")
     rows = rows.select_columns([text_field])
     return rows if text_field == "text" else rows.rename_column(text_field, "text")
 
 
-def _check_parquet_columns(files: list[str], text_field: str) -> None:
+def _check_parquet_columns(files: list[str], fields: dict[str, str]) -> None:
     # Reading a footer is cheap, and it names the file, which a failed column projection would not.
     for file in files:
-        columns = pq.read_schema(file).names
-        if text_field not in columns:
-            raise DataError(
-                f"data.text_field '{text_field}' is not a column of '{file}' (columns: {', '.join(columns)})"
-            )
+        _check_columns(pq.read_schema(file).names, fields, where=f"'{file}'")
+
+
+def _check_columns(columns: list[str], fields: dict[str, str], *, where: str) -> None:
+    """Raises DataError unless every field (keyed by the setting that names it) is one of `columns`."""
+    for setting, field in fields.items():
+        if field not in columns:
+            raise DataError(f"{setting} '{field}' is not a column of {where} (columns: {', '.join(columns)})")
+
+
+def _numbered(records: datasets.Dataset, *, name: str) -> datasets.Dataset:
+    if len(records) == 0:
+        raise DataError(f"data set '{name}' is empty: it holds no records")
+    return records.add_column(ROW_COLUMN, np.arange(len(records), dtype=np.int64))
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def _drop_non_utf8(files: list[Path], *, name: str) -> list[Path]:

@@ -113,11 +113,14 @@ class LM(nn.Module):
         targets: Tensor | None = None,
         segment_ids: Tensor | None = None,
         restart_positions: bool = True,
+        reduction: str = "mean",
     ) -> Tensor:
         """Logits `[B, T, vocab]` (fp32 or wider) for token ids `[B, T]`; with caches, `mode` is "prefill" or "decode".
 
-        With `targets [B, T]` instead: the mean next-token cross-entropy (targets of -100 not
-        counted), over `loss_chunk` tokens at a time if the activation plan sets one.
+        With `targets [B, T]` instead: the next-token cross-entropy over the targets that are not
+        -100, their mean or (`reduction="sum"`) their sum, over `loss_chunk` tokens at a time if the
+        activation plan sets one. Trainers take the sum and divide by the step's count of targets
+        over every micro-batch and rank, so a token weighs the same wherever it lands.
         `segment_ids [B, T]` (this rank's tokens'; kernels/segments.py): the windows hold packed
         documents, each seeing only itself, its RoPE positions counted from its own start unless
         `restart_positions` is False.
@@ -126,8 +129,10 @@ class LM(nn.Module):
         if targets is None:
             return self.logits(hidden)
         if self.loss_chunk:
-            return tiled_cross_entropy(hidden.flatten(0, 1), self.embed.weight, targets.flatten(), chunk=self.loss_chunk)
-        return F.cross_entropy(self.logits(hidden).flatten(0, 1), targets.flatten())
+            return tiled_cross_entropy(
+                hidden.flatten(0, 1), self.embed.weight, targets.flatten(), chunk=self.loss_chunk, reduction=reduction
+            )
+        return F.cross_entropy(self.logits(hidden).flatten(0, 1), targets.flatten(), reduction=reduction)
 
     def hidden_states(
         self,

@@ -18,10 +18,13 @@ from torch.utils.checkpoint import checkpoint
 
 class _TiledCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, ignore_index: int) -> Tensor:
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, ignore_index: int, reduction: str
+    ) -> Tensor:
         needs_hidden, needs_weight = ctx.needs_input_grad[:2]
         counted = targets != ignore_index
-        count = counted.sum()
+        # The mean divides by the count of targets (nan when there is none, as F.cross_entropy's).
+        count = counted.sum() if reduction == "mean" else torch.ones((), dtype=torch.long, device=targets.device)
         wide = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)  # fp32 or float64
         loss = torch.zeros((), dtype=wide, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
@@ -35,7 +38,7 @@ class _TiledCrossEntropy(torch.autograd.Function):
             log_probs = logits32.log_softmax(dim=-1)
             loss -= (log_probs.gather(1, safe_targets)[:, 0] * keep).sum()
             if needs_hidden or needs_weight:
-                # d(mean loss)/d logits = (softmax - onehot) / count, zero on ignored rows
+                # d(loss)/d logits = (softmax - onehot) / count, zero on ignored rows
                 grad_logits = log_probs.exp_()
                 grad_logits.scatter_add_(1, safe_targets, torch.full_like(safe_targets, -1, dtype=grad_logits.dtype))
                 grad_logits.mul_((keep.to(wide) / count)[:, None])
@@ -54,17 +57,20 @@ class _TiledCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight * grad_loss
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def tiled_cross_entropy(
-    hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk: int, ignore_index: int = -100
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk: int, ignore_index: int = -100, reduction: str = "mean"
 ) -> Tensor:
-    """Mean cross-entropy of the logits `hidden [N, d] @ weight [V, d]^T` against `targets [N]`, `chunk` rows at a time.
+    """Cross-entropy (mean or sum) of the logits `hidden [N, d] @ weight [V, d]^T` against `targets [N]`,
+    `chunk` rows at a time.
 
-    Equals `F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=ignore_index)`
-    in value and gradients (the logits in fp32, under whatever autocast is active).
+    Equals `F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=ignore_index,
+    reduction=reduction)` in value and gradients (the logits in fp32, under whatever autocast is active).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"tiled_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
     if chunk <= 0:
         raise ValueError(f"tiled_cross_entropy: chunk must be positive, got {chunk}")
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1:] != hidden.shape[1:]:
@@ -72,7 +78,7 @@ def tiled_cross_entropy(
             f"tiled_cross_entropy: expected hidden [N, d], weight [V, d], targets [N], got "
             f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}"
         )
-    return _TiledCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index)
+    return _TiledCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index, reduction)
 
 
 def tiled_mlp(mlp: nn.Module, x: Tensor, *, chunk: int) -> Tensor:

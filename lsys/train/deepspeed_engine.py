@@ -23,7 +23,9 @@ from torch import Tensor, nn
 from lsys.data.packing import Batch
 from lsys.train.checkpoint import ZERO_DIR, CheckpointError
 from lsys.train.deepspeed_config import deepspeed_config
-from lsys.train.engine import StepResult, global_mean, language_model_loss, restarts_positions, uses_bf16
+from lsys.train.engine import (
+    StepResult, counted_targets, global_sum, mean_loss, restarts_positions, summed_loss, uses_bf16,
+)
 from lsys.train.guard import DivergenceGuard
 from lsys.train.optim import build_optimizer, build_scheduler, parameter_groups
 from parallel import World
@@ -55,19 +57,24 @@ class DeepSpeedEngine:
         self.restart_positions = restarts_positions(cfg)
 
     def _loss(self, batch: Batch) -> Tensor:
-        return language_model_loss(self.wrapped, batch, self.world.device, self.autocast, self.restart_positions)
+        return summed_loss(self.wrapped, batch, self.world.device, self.autocast, self.restart_positions)
 
     def train_step(self, micro_batches: list[Batch], guard: DivergenceGuard) -> StepResult:
-        """Backward each micro-batch (DeepSpeed scales by 1/grad_accum and reduces at the boundary), then step."""
+        """Backward each micro-batch (DeepSpeed reduces at the boundary), then step; the loss is the mean over
+        the step's counted targets on every rank (`counted_targets`)."""
         self.wrapped.train()
+        counted = counted_targets(micro_batches, self.world.device)
+        # DeepSpeed averages gradients over the ranks (its data-parallel group is the world); the scale is ours
+        # (scale_wrt_gas=False: no 1/grad_accum on top).
+        scale = self.world.world_size / counted
         loss_sum = torch.zeros((), device=self.world.device)
         for index, batch in enumerate(micro_batches):
             loss = self._loss(batch)
-            self.wrapped.backward(loss)
-            loss_sum += loss.detach().float() / len(micro_batches)
+            self.wrapped.backward(loss * scale, scale_wrt_gas=False)
+            loss_sum += loss.detach().float()
             if index < len(micro_batches) - 1:
                 self.wrapped.step()  # not a boundary: only counts the micro-step
-        loss = global_mean(loss_sum).item()
+        loss = (global_sum(loss_sum) / counted).item()
         guard.check_loss(loss)  # before the update
         lr = self.scheduler.get_last_lr()[0]
         # ZeRO-0 leaves whole, reduced gradients on every rank and reports no norm: measure it before clipping.
@@ -79,12 +86,10 @@ class DeepSpeedEngine:
         guard.check_grad_norm(grad_norm)
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, weight_norm=self.weight_norm())
 
-    @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> float:
-        """Mean loss over the batches, averaged over ranks."""
+        """Loss per counted target over the batches of every rank."""
         self.wrapped.eval()
-        losses = [self._loss(batch) for batch in batches]
-        return global_mean(torch.stack(losses).mean().float()).item()
+        return mean_loss(self._loss, batches, self.world.device)
 
     def weight_norm(self) -> float:
         """The 2-norm of all weights; under ZeRO-3 each rank holds a shard, so the shards' squares are summed."""

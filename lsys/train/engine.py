@@ -9,7 +9,7 @@ optimizer and schedule (after wrapping: ZeRO owns its optimizer), and exposes
 """
 
 import importlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lsys.data.config import DataConfig
 from lsys.data.packing import Batch
+from lsys.data.sft import IGNORE_INDEX
 from lsys.train.checkpoint import CheckpointError, check_fits
 from lsys.train.guard import DivergenceError, DivergenceGuard
 from lsys.train.optim import build_optimizer, build_scheduler
@@ -46,13 +47,23 @@ def build_engine(model: nn.Module, cfg: DictConfig, *, world: World, max_steps: 
     return getattr(importlib.import_module(module), name)(model, cfg, world=world, max_steps=max_steps)
 
 
-def global_mean(value: Tensor) -> Tensor:
-    """Mean of a scalar over all ranks (a no-op in a lone process)."""
+def global_sum(value: Tensor) -> Tensor:
+    """Sum of a tensor over all ranks (itself in a lone process)."""
     if dist.is_initialized():
         value = value.clone()
-        dist.all_reduce(value)  # SUM: gloo has no AVG
-        value /= dist.get_world_size()
+        dist.all_reduce(value)
     return value
+
+
+def counted_targets(micro_batches: Iterable[Batch], device: torch.device) -> Tensor:
+    """How many targets carry loss (are not IGNORE_INDEX) in these micro-batches on every rank together.
+
+    The step's loss is the sum over all of them divided by this count, so each token weighs the same
+    whichever micro-batch, dp rank or sequence piece it lands in. At least 1: a step whose targets
+    all carry no loss has loss and gradients 0.
+    """
+    local = sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in micro_batches)
+    return global_sum(torch.tensor(local, dtype=torch.long, device=device)).clamp(min=1)
 
 
 def uses_bf16(device: torch.device, precision: str) -> bool:
@@ -70,17 +81,26 @@ def restarts_positions(cfg: DictConfig) -> bool:
     return DataConfig.from_attrs(cfg.data).restarts_positions if "data" in cfg else True
 
 
-def language_model_loss(
-    model: nn.Module, batch: Batch, device: torch.device, autocast, restart_positions: bool = True
-) -> Tensor:
-    """Mean next-token cross-entropy of one micro-batch (every window is full).
+def summed_loss(model: nn.Module, batch: Batch, device: torch.device, autocast, restart_positions: bool = True) -> Tensor:
+    """The summed next-token cross-entropy of one micro-batch over its targets that carry loss.
 
     A batch is (inputs, targets), or (inputs, targets, segment_ids) when its windows' documents are kept apart.
     """
     inputs, targets, *segments = (t.to(device, non_blocking=True) for t in batch)
     extra = dict(segment_ids=segments[0], restart_positions=restart_positions) if segments else {}
     with autocast:
-        return model(inputs, targets=targets, **extra)
+        return model(inputs, targets=targets, reduction="sum", **extra)
+
+
+@torch.no_grad()
+def mean_loss(loss_of: Callable[[Batch], Tensor], batches: Iterable[Batch], device: torch.device) -> float:
+    """The loss per counted target over the batches of every rank (each rank passes its own)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
+    for batch in batches:
+        total += loss_of(batch).double()
+        count += int((batch[1] != IGNORE_INDEX).sum())
+    return (global_sum(total) / global_sum(count).clamp(min=1)).item()
 
 
 class DDPEngine:
@@ -94,25 +114,28 @@ class DDPEngine:
         self.restart_positions = restarts_positions(cfg)
 
     def _loss(self, batch: Batch) -> Tensor:
-        return language_model_loss(self.wrapped, batch, self.world.device, self.autocast, self.restart_positions)
+        return summed_loss(self.wrapped, batch, self.world.device, self.autocast, self.restart_positions)
 
     def train_step(self, micro_batches: list[Batch], guard: DivergenceGuard) -> StepResult:
         """Accumulate gradients over the micro-batches (syncing on the last), clip, and step.
 
+        The loss is the mean over the step's counted targets on every rank (`counted_targets`).
         The guard sees the loss and the gradient norm before the step is applied; when it
         raises DivergenceError, the gradients are dropped and nothing changes.
         """
         self.wrapped.train()
+        counted = counted_targets(micro_batches, self.world.device)
+        # DDP averages gradients over the ranks: times world_size, each rank's sum then adds up to the step's.
+        scale = self.world.world_size / counted
         loss_sum = torch.zeros((), device=self.world.device)
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             sync = nullcontext() if last or self.wrapped is self.model else self.wrapped.no_sync()
             with sync:
-                loss = self._loss(batch) / len(micro_batches)
-                loss.backward()
+                loss = self._loss(batch)
+                (loss * scale).backward()
             loss_sum += loss.detach()
-        # Every window is full, so the mean of per-rank means is the mean over all target tokens.
-        loss = global_mean(loss_sum).item()
+        loss = (global_sum(loss_sum) / counted).item()
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
         try:
@@ -127,12 +150,10 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, weight_norm=self.weight_norm())
 
-    @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> float:
-        """Mean loss over the batches, averaged over ranks."""
+        """Loss per counted target over the batches of every rank."""
         self.wrapped.eval()
-        losses = [self._loss(batch) for batch in batches]
-        return global_mean(torch.stack(losses).mean()).item()
+        return mean_loss(self._loss, batches, self.world.device)
 
     def weight_norm(self) -> float:
         """The 2-norm of all weights (the same on every rank)."""

@@ -24,7 +24,11 @@ FREE = (
 )
 OPTIMIZER = ("optim",)
 # Settings added since earlier checkpoints were saved, with the value that trains as lsys did before them.
-ADDED = {"data.doc_isolation": False, "data.rope_restart": None}
+ADDED = {
+    "data.doc_isolation": False, "data.rope_restart": None, "init_from": None, "data.format": "text",
+    "data.messages_field": "messages", "data.prompt_field": "prompt", "data.response_field": "response",
+    "data.packing": True, "data.truncation": "error", "data.chat_template": None,
+}
 RESUME_OVERRIDES = ("refuse", "apply")
 
 

@@ -24,7 +24,8 @@ from lsys.eval.needle import EvalError, NeedleGrid, check_grid, evaluate_needle
 from lsys.eval.report import mean_answer_loss
 from lsys.models import build_model
 from lsys.train.checkpoint import (
-    Checkpoint, Checkpointer, CheckpointError, check_fits, rng_state, set_rng_state, step_dir_name,
+    MANIFEST, STEP_DIR, Checkpoint, Checkpointer, CheckpointError, check_fits, config_of, latest_checkpoint, rng_state,
+    set_rng_state, step_dir_name,
 )
 from lsys.train.deepspeed_config import DeepSpeedConfigError, deepspeed_config
 from lsys.train.engine import build_engine, uses_bf16
@@ -105,6 +106,9 @@ class Trainer:
             weights = consolidated_weights(checkpoint.path)
             check_fits(checkpoint.path, weights, self.model.state_dict())
             self.model.load_state_dict(weights)
+        self.initialised_from = None
+        if checkpoint is None and cfg.get("init_from"):
+            self._initialise_from(Path(cfg.init_from))
         self.engine = build_engine(self.model, cfg, world=world, max_steps=cfg.trainer.max_steps)
         self.step, self.tokens_seen = 0, 0
         # Every dp replica reads micro_batch_size x grad_accum windows a step; its sp ranks share them.
@@ -164,6 +168,8 @@ class Trainer:
             lines.append(f"documents kept apart in packed windows (data.doc_isolation), positions counted {restart}")
         if self.resumed_from is not None:
             lines.append(f"resumed from {self.resumed_from} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+        elif self.initialised_from is not None:
+            lines.append(f"weights from {self.initialised_from} (init_from); optimizer, schedule and data start fresh")
         return "\n".join(lines)
 
     def _resume_path(self) -> Path | None:
@@ -178,6 +184,30 @@ class Trainer:
                 )
             return None
         return Path(self.cfg.resume)
+
+    def _initialise_from(self, path: Path) -> None:
+        """Start from the weights of a pretrained checkpoint (either engine's), a run's newest one, or an export.
+
+        Only the weights come over: the optimizer, schedule, step count and data order start fresh.
+        """
+        if path.is_dir() and not (path / MANIFEST).is_file() and not STEP_DIR.match(path.name):
+            path = latest_checkpoint(path) or path  # a run directory: its newest complete checkpoint
+        if (path / "trainer.json").is_file():
+            self.checkpointer.load(path)  # verified like a resume: complete, checksums match
+        elif not (path / MANIFEST).is_file():
+            raise CheckpointError(
+                f"init_from={path} is not a complete checkpoint, run directory or export (no {MANIFEST} manifest)"
+            )
+        weights = consolidated_weights(path)
+        check_fits(path, weights, self.model.state_dict())
+        self.model.load_state_dict(weights)
+        self.initialised_from = path
+        # Shapes fit; a setting that leaves them alone (a chunk size, a window) may still differ from pretraining.
+        pretrained = config_of(path).get("model", {})
+        for key in sorted(pretrained.keys() & self.resolved_config["model"].keys()):
+            if key != "name" and pretrained[key] != self.resolved_config["model"][key]:
+                log.warning("init_from: model.%s is %s here but was %s in pretraining", key,
+                            self.resolved_config["model"][key], pretrained[key])
 
     def _weights_only(self, checkpoint: Checkpoint) -> bool:
         """Whether to continue from the checkpoint's weights alone: it was written by another world size and
