@@ -87,7 +87,7 @@ def test_packed_and_unpacked_examples_give_the_same_answer_loss_and_gradients(tm
 
 def sft_command(data: Path, run_dir: Path, *extra: str) -> list[str]:
     tiny = [override for override in TINY if not override.startswith("data.seq_len=")]
-    return [*tiny, "model=rat_tiny", f"data.seq_len={SEQ_LEN}", f"data.path={data}", f"run_dir={run_dir}",
+    return [*tiny, "model=rat_tiny", "data=sft", f"data.seq_len={SEQ_LEN}", f"data.path={data}", f"run_dir={run_dir}",
             "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.eval_every=3", *extra]
 
 
@@ -127,6 +127,21 @@ def test_sft_starts_from_pretrained_weights_and_resumes_exactly(pretrained: Path
     for key in ("loss", "val_loss", "grad_norm"):
         assert [r.get(key) for r in resumed] == [r.get(key) for r in records], key
 
+    # Held-out scores of the tuned model: one process answering, and the loss alone with each sequence on 2 ranks.
+    data_args = ["data=sft", f"data.path={data}", "data.val_fraction=0.2", f"data.seq_len={SEQ_LEN}"]
+    scores = {}
+    for name, nproc, extra in (("sp1", 1, ["eval.samples=4", "eval.max_new_tokens=6"]),
+                               ("sp2", 2, ["parallel.sp=2", "eval.samples=0"])):
+        out_dir = tmp_path / f"eval-{name}"
+        result = run_train([f"ckpt={tmp_path / 'straight'}", *data_args, f"out_dir={out_dir}", "progress_bar=false",
+                            *extra], cwd=tmp_path, nproc=nproc, script="launch/eval_sft.py")
+        assert result.returncode == 0, result.stderr
+        scores[name] = json.loads((out_dir / "summary.json").read_text())
+    assert scores["sp1"]["answered"] == 4 and 0 <= scores["sp1"]["rouge_l"] <= 1
+    assert len((tmp_path / "eval-sp1" / "answers.jsonl").read_text().splitlines()) == 4
+    assert scores["sp1"]["loss_examples"] == scores["sp2"]["loss_examples"] > 4
+    assert scores["sp2"]["answer_loss"] == pytest.approx(scores["sp1"]["answer_loss"], rel=1e-5)
+
 
 # Each kind of bad example is refused in tests/test_sft_data.py; here two of them end a real job.
 BAD_EXAMPLES = {
@@ -149,3 +164,28 @@ def test_bad_sft_data_is_one_line_naming_the_example_and_exit_code_2(case: str, 
     errors = [line for line in result.stderr.splitlines() if line.startswith("lsys:")]
     assert len(errors) == 1 and "example 4" in errors[0] and expected in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- held-out scores (lsys/eval/sft.py) ---------------------------------------------------------------------------
+
+
+def test_rouge_l_and_exact_match_on_known_pairs():
+    from lsys.eval.sft import exact_match, rouge_l
+
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)  # common subsequence a c d: P = R = 3/4
+    assert rouge_l("the cat", "the cat sat on the mat") == pytest.approx(2 * 1.0 * (2 / 6) / (1.0 + 2 / 6))
+    assert rouge_l("'utf-8'", '"utf-8"') == pytest.approx(0.6)  # utf - 8 common; the quotes differ
+    assert rouge_l("", "x") == 0.0 and rouge_l("y", "x") == 0.0 and rouge_l("X y", "x Y") == 1.0  # lower-cased
+    assert exact_match(" 4096\n", "4096") and not exact_match("4096", "40960")
+
+
+def test_answer_prompt_is_the_conversation_up_to_its_last_answer():
+    from lsys.data.chat import PlainTemplate
+    from lsys.eval.sft import answer_prompt
+
+    tokenizer = ByteTokenizer()
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Key?"}, {"role": "assistant", "content": "42"}]
+    prompt, reference = answer_prompt(messages, PlainTemplate(tokenizer.eos_id), tokenizer)
+    assert reference == "42"
+    assert prompt == [*b"<|user|>\nHi\n<|assistant|>\nHello", tokenizer.eos_id, *b"<|user|>\nKey?\n<|assistant|>\n"]

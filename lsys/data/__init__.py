@@ -3,7 +3,7 @@
 from lsys.data.chat import load_chat_template
 from lsys.data.config import DataConfig
 from lsys.data.errors import DataError
-from lsys.data.loader import PackedLoader, SequenceSlices, ValLoader, build_loaders
+from lsys.data.loader import PackedLoader, SequenceSlices, ValLoader, build_loaders, chat_template_of
 from lsys.data.packing import segment_ids
 from lsys.data.sft import ExampleWindows
 from lsys.data.sources import load_examples, load_source
@@ -24,6 +24,7 @@ __all__ = [
     "ValLoader",
     "build_loaders",
     "build_tokenizer",
+    "chat_template_of",
     "load_chat_template",
     "load_examples",
     "load_source",

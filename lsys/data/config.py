@@ -3,7 +3,7 @@
 A sample `conf/data/*.yaml` (every field below; names are exact)::
 
     name: stdlib            # label used in logs and errors
-    source: stdlib          # stdlib | files | hub | passkey (generated: lsys/data/passkey.py)
+    source: stdlib          # stdlib | files | hub | passkey (generated: lsys/data/passkey.py) | stdlib_qa (SFT, lsys/data/qa.py)
     path: null              # files: a file, directory, glob or a list of them; hub: the data set id
     val_path: null          # files: explicit validation files (same forms as path) instead of a hash split
     text_field: text        # column that holds the text (jsonl, json, parquet, hub)

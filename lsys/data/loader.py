@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lsys.data.chat import load_chat_template
+from lsys.data.chat import ChatTemplate, load_chat_template
 from lsys.data.config import DataConfig
 from lsys.data.errors import DataError
 from lsys.data.packing import Batch, TokenWindows, check_batch_layout, token_stream, tokenize_documents
@@ -237,23 +237,10 @@ def _example_loaders(
     cfg: DataConfig, data_cfg: Any, *, seed: int, tokenizer: Tokenizer, layout: dict[str, int]
 ) -> tuple[PackedLoader, ValLoader | None]:
     """`build_loaders` for SFT examples: loss-masked windows of whole examples (`lsys.data.sft`)."""
-    eos_id = getattr(tokenizer, "eos_id", None)
-    if eos_id is None:
-        raise DataError(
-            f"data.format '{cfg.format}' needs a tokenizer with an EOS id to end answers and pad windows, "
-            f"and {type(tokenizer).__name__} has none"
-        )
-    tokenizer_path, eos_token = _hf_tokenizer_settings(data_cfg)
-    if eos_token is not None and tokenizer.encode(eos_token) != [eos_id]:
-        raise DataError(
-            f"data.tokenizer.eos_token '{eos_token}' does not encode to the tokenizer's EOS id {eos_id}, "
-            "so chat templates could not end answers with it; data.tokenizer must be the tokenizer's own settings"
-        )
-    template = load_chat_template(
-        cfg.chat_template, tokenizer_path=tokenizer_path, eos_id=eos_id, eos_token=eos_token
-    )
+    template = chat_template_of(data_cfg, tokenizer)
+    eos_id = tokenizer.eos_id
     logger.info("data '%s': %s examples, rendered with the chat template '%s'", cfg.name, cfg.format, template.name)
-    train_examples, val_examples = _rank_zero_first(lambda: load_examples(cfg))
+    train_examples, val_examples = _rank_zero_first(lambda: load_examples(cfg, seq_len=layout["seq_len"]))
 
     def windows_of(examples: datasets.Dataset, split: str) -> ExampleWindows:
         where = f"data set '{cfg.name}' ({split})"
@@ -288,6 +275,28 @@ def _usable_validation(val: ValLoader, *, name: str, layout: dict[str, int]) -> 
         name, layout["dp_size"] * layout["micro_batch_size"], layout["seq_len"],
     )
     return None
+
+
+def chat_template_of(data_cfg: Any, tokenizer: Tokenizer) -> ChatTemplate:
+    """The chat template SFT examples of `data_cfg` are rendered with (`lsys.data.chat.load_chat_template`).
+
+    With an HF tokenizer, `data_cfg.tokenizer` (the settings it was built from: path, eos_token) finds its
+    own template and its EOS text.
+    """
+    cfg = DataConfig.from_attrs(data_cfg)
+    eos_id = getattr(tokenizer, "eos_id", None)
+    if eos_id is None:
+        raise DataError(
+            f"data.format '{cfg.format}' needs a tokenizer with an EOS id to end answers and pad windows, "
+            f"and {type(tokenizer).__name__} has none"
+        )
+    tokenizer_path, eos_token = _hf_tokenizer_settings(data_cfg)
+    if eos_token is not None and tokenizer.encode(eos_token) != [eos_id]:
+        raise DataError(
+            f"data.tokenizer.eos_token '{eos_token}' does not encode to the tokenizer's EOS id {eos_id}, "
+            "so chat templates could not end answers with it; data.tokenizer must be the tokenizer's own settings"
+        )
+    return load_chat_template(cfg.chat_template, tokenizer_path=tokenizer_path, eos_id=eos_id, eos_token=eos_token)
 
 
 def _hf_tokenizer_settings(data_cfg: Any) -> tuple[str | None, str | None]:

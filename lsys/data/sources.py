@@ -24,7 +24,10 @@ SFT examples (`data.format` messages or prompt_response; `load_examples`) are wh
 `files` reads `.jsonl`/`.json`/`.parquet` files, `hub` the map-style (downloaded, not streamed)
 split. They keep the format's fields, plus `ROW_COLUMN`: each record's row, counted from 0 in read
 order, so an error can name the example. Validation: `val_path` (files), `val_split` (hub), else
-the hash split above over a canonical JSON dump of the fields (`example_key`).
+the hash split above over a canonical JSON dump of the fields (`example_key`). `stdlib_qa`
+(messages only) generates them: questions about a constant of a standard-library file, asked after
+a long piece of it, each filling a window of seq_len byte tokens (`lsys/data/qa.py`):
+`num_documents` for training, `val_fraction` of that for validation, from held-out files.
 """
 
 import codecs
@@ -98,9 +101,23 @@ def load_source(cfg: DataConfig, *, seq_len: int, tokenizer: Tokenizer) -> MapSp
     raise DataError(f"data.source '{cfg.source}' is unknown; expected 'stdlib', 'files', 'hub' or 'passkey'")
 
 
-def load_examples(cfg: DataConfig) -> MapSplits:
-    """The (train, validation) SFT records of an SFT `cfg.format`: its fields plus ROW_COLUMN, map-style."""
+def load_examples(cfg: DataConfig, *, seq_len: int) -> MapSplits:
+    """The (train, validation) SFT records of an SFT `cfg.format`: its fields plus ROW_COLUMN, map-style.
+
+    `seq_len` shapes the generated source (stdlib_qa) and is ignored by the others.
+    """
     fields = cfg.example_fields
+    if cfg.source == "stdlib_qa":
+        if cfg.format != "messages":
+            raise DataError(f"data.source 'stdlib_qa' generates chats: set data.format=messages, not '{cfg.format}'")
+        # Imported here: lsys.data.qa reads the standard library through this module, so a module-level
+        # import would be circular.
+        from lsys.data.qa import stdlib_qa_examples
+
+        return stdlib_qa_examples(
+            num_documents=cfg.num_documents, val_fraction=cfg.val_fraction, seq_len=seq_len, name=cfg.name,
+            column=cfg.messages_field,
+        )
     if cfg.source == "files":
         if cfg.path is None:
             raise DataError("data.path is required for source 'files'")
@@ -117,7 +134,9 @@ def load_examples(cfg: DataConfig) -> MapSplits:
         if cfg.val_split is not None:
             return train, load_hub_records(cfg.path, split=cfg.val_split, **hub_kwargs)
     else:
-        raise DataError(f"data.format '{cfg.format}' reads examples from source 'files' or 'hub', not '{cfg.source}'")
+        raise DataError(
+            f"data.format '{cfg.format}' reads examples from source 'files', 'hub' or 'stdlib_qa', not '{cfg.source}'"
+        )
     return split_examples(train, fields=list(fields.values()), val_fraction=cfg.val_fraction, name=cfg.name)
 
 
