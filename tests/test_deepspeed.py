@@ -395,3 +395,26 @@ def test_a_zero_checkpoint_continues_on_another_world_size_from_its_weights_only
     saved = load_file(run_dir / "step-00000009" / "model.safetensors")
     for name, tensor in sharded.items():
         torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-9, msg=name)
+
+
+@pytest.mark.slow
+def test_sft_starts_from_the_weights_of_a_zero_checkpoint(zero_run, tmp_path: Path):
+    """launch/sft.py (DDP) with init_from a ZeRO-2 run directory: the newest checkpoint's weights, gathered from
+    its shards; with lr 1e-30 the first step leaves them as they were, so its checkpoint holds them."""
+    from safetensors.torch import load_file
+
+    from lsys.train.export import consolidated_weights
+    from tests.test_sft_train import chat_examples, sft_command, write_jsonl
+
+    _, zero_dir = zero_run
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_examples(count=40, seed=6))
+    run_dir = tmp_path / "sft"
+    result = run_train(sft_command(data, run_dir, f"init_from={zero_dir}", "trainer.max_steps=1", "optim.lr=1e-30"),
+                       cwd=tmp_path, script="launch/sft.py")
+    assert result.returncode == 0, result.stderr
+    assert f"weights from {zero_dir / 'step-00000008'} (init_from)" in result.stderr
+    expected = consolidated_weights(zero_dir / "step-00000008")
+    saved = load_file(run_dir / "step-00000001" / "model.safetensors")
+    assert saved.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(saved[name], tensor.to(saved[name].dtype), rtol=0, atol=1e-20, msg=name)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from lsys.data import DataConfig, DataError, chat_template_of, load_examples
+from lsys.data import DataConfig, chat_template_of, load_examples
 from lsys.data.sft import example_windows, read_conversation, tokenize_examples
 from lsys.eval.cli import run_dir_of
 from lsys.eval.needle import EvalError
@@ -85,7 +85,7 @@ def run(cfg: DictConfig) -> int:
         )
         results = gathered(results, world.rank, world.world_size)
         barrier()  # leave together: a rank tearing its group down while a peer still talks aborts
-    except (CheckpointError, DataError, ValueError) as error:  # EvalError is a ValueError
+    except (CheckpointError, ValueError) as error:  # EvalError and DataError are ValueErrors
         if world.is_main:
             print(f"lsys: error: {error}", file=sys.stderr)
         return 2

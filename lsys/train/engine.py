@@ -81,7 +81,9 @@ def restarts_positions(cfg: DictConfig) -> bool:
     return DataConfig.from_attrs(cfg.data).restarts_positions if "data" in cfg else True
 
 
-def summed_loss(model: nn.Module, batch: Batch, device: torch.device, autocast, restart_positions: bool = True) -> Tensor:
+def summed_loss(
+    model: nn.Module, batch: Batch, device: torch.device, autocast, restart_positions: bool = True
+) -> Tensor:
     """The summed next-token cross-entropy of one micro-batch over its targets that carry loss.
 
     A batch is (inputs, targets), or (inputs, targets, segment_ids) when its windows' documents are kept apart.
