@@ -111,12 +111,7 @@ def test_sft_starts_from_pretrained_weights_and_resumes_exactly(pretrained: Path
     assert f"weights from {pretrained / 'step-00000004'} (init_from)" in straight.stderr
     records = read_metrics(tmp_path / "straight")
     assert [r["step"] for r in records] == list(range(1, 7)) and "val_loss" in records[2]
-    # From the pretrained weights, not from scratch: another first loss than a run without init_from.
-    scratch = run_train(sft_command(data, tmp_path / "scratch", "data.val_fraction=0.2", "trainer.max_steps=1"),
-                        cwd=tmp_path, script="launch/sft.py")
-    assert scratch.returncode == 0, scratch.stderr
-    assert abs(read_metrics(tmp_path / "scratch")[0]["loss"] - records[0]["loss"]) > 1e-3
-
+    # (That init_from loads exactly the pretrained weights: tests/test_deepspeed.py, from ZeRO shards.)
     split_dir = tmp_path / "split"
     for extra in (["trainer.stop_after_steps=3"], []):
         result = run_train(sft_command(data, split_dir, *common, *extra), cwd=tmp_path, nproc=2,
@@ -143,26 +138,16 @@ def test_sft_starts_from_pretrained_weights_and_resumes_exactly(pretrained: Path
     assert scores["sp2"]["answer_loss"] == pytest.approx(scores["sp1"]["answer_loss"], rel=1e-5)
 
 
-# Each kind of bad example is refused in tests/test_sft_data.py; here two of them end a real job.
-BAD_EXAMPLES = {
-    "unknown role": ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
-                     "robot"),
-    "too long": ({"messages": [{"role": "user", "content": "x" * 200}, {"role": "assistant", "content": "ok"}]},
-                 "truncation"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_EXAMPLES))
-def test_bad_sft_data_is_one_line_naming_the_example_and_exit_code_2(case: str, tmp_path: Path):
-    bad, expected = BAD_EXAMPLES[case]
+def test_bad_sft_data_is_one_line_naming_the_example_and_exit_code_2(tmp_path: Path):
+    """Each kind of bad example is refused in tests/test_sft_data.py; here one of them ends a real job."""
     records = chat_examples(count=6, seed=5)
-    records.insert(4, bad)
+    records.insert(4, {"messages": [{"role": "user", "content": "x" * 200}, {"role": "assistant", "content": "ok"}]})
     data = write_jsonl(tmp_path / "chats.jsonl", records)
     result = run_train(sft_command(data, tmp_path / "run", "data.val_fraction=0"), cwd=tmp_path,
                        script="launch/sft.py")
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("lsys:")]
-    assert len(errors) == 1 and "example 4" in errors[0] and expected in errors[0], result.stderr
+    assert len(errors) == 1 and "example 4" in errors[0] and "data.truncation" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
 
 
