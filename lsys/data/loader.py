@@ -31,7 +31,7 @@ from lsys.data.chat import ChatTemplate, load_chat_template
 from lsys.data.config import DataConfig
 from lsys.data.errors import DataError
 from lsys.data.packing import Batch, TokenWindows, check_batch_layout, token_stream, tokenize_documents
-from lsys.data.sft import ExampleWindows, example_windows, tokenize_examples
+from lsys.data.sft import ExampleWindows, windows_of_examples
 from lsys.data.sources import load_examples, load_source
 from lsys.data.streaming import StreamingLoader, StreamingValLoader
 from lsys.data.tokenizer import Tokenizer
@@ -238,19 +238,12 @@ def _example_loaders(
 ) -> tuple[PackedLoader, ValLoader | None]:
     """`build_loaders` for SFT examples: loss-masked windows of whole examples (`lsys.data.sft`)."""
     template = chat_template_of(data_cfg, tokenizer)
-    eos_id = tokenizer.eos_id
     logger.info("data '%s': %s examples, rendered with the chat template '%s'", cfg.name, cfg.format, template.name)
     train_examples, val_examples = _rank_zero_first(lambda: load_examples(cfg, seq_len=layout["seq_len"]))
 
     def windows_of(examples: datasets.Dataset, split: str) -> ExampleWindows:
-        where = f"data set '{cfg.name}' ({split})"
-        tokenized = tokenize_examples(
-            examples, format=cfg.format, fields=list(cfg.example_fields.values()), template=template,
-            tokenizer=tokenizer, num_proc=cfg.num_proc, where=where,
-        )
-        return example_windows(
-            tokenized, seq_len=layout["seq_len"], packing=cfg.packing, truncation=cfg.truncation, pad_id=eos_id,
-            where=where,
+        return windows_of_examples(
+            examples, cfg=cfg, template=template, tokenizer=tokenizer, seq_len=layout["seq_len"], split=split
         )
 
     train_windows = _rank_zero_first(lambda: windows_of(train_examples, "train"))

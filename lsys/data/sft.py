@@ -151,6 +151,21 @@ def example_windows(
     return windows
 
 
+def windows_of_examples(
+    examples: datasets.Dataset, *, cfg: Any, template: ChatTemplate, tokenizer: Tokenizer, seq_len: int, split: str
+) -> ExampleWindows:
+    """The windows of one split's records under a data config (`DataConfig`): tokenized, then laid out."""
+    where = f"data set '{cfg.name}' ({split})"
+    tokenized = tokenize_examples(
+        examples, format=cfg.format, fields=list(cfg.example_fields.values()), template=template,
+        tokenizer=tokenizer, num_proc=cfg.num_proc, where=where,
+    )
+    return example_windows(
+        tokenized, seq_len=seq_len, packing=cfg.packing, truncation=cfg.truncation, pad_id=tokenizer.eos_id,
+        where=where,
+    )
+
+
 def _lay_out(
     ids: np.ndarray, answer: np.ndarray, starts: np.ndarray, lengths: np.ndarray, *, seq_len: int, packing: bool,
     pad_id: int,

@@ -30,7 +30,7 @@ _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 @dataclass(frozen=True)
 class AnswerResult:
-    index: int  # the example's place in the held-out split
+    index: int  # the example's place among those answered (in the held-out split's order)
     reference: str
     prediction: str
     exact_match: bool
@@ -81,7 +81,6 @@ def answer_scores(
     *,
     max_new_tokens: int,
     batch_size: int = 8,
-    first_index: int = 0,
     progress: bool = False,
 ) -> list[AnswerResult]:
     """Greedy answers to each conversation's last question, scored against its last assistant turn."""
@@ -98,7 +97,7 @@ def answer_scores(
                 ids = ids[:-1]
             prediction = tokenizer.decode(ids)
             results.append(AnswerResult(
-                index=first_index + start + offset, reference=reference, prediction=prediction,
+                index=start + offset, reference=reference, prediction=prediction,
                 exact_match=exact_match(prediction, reference), rouge_l=rouge_l(prediction, reference),
             ))
     return results

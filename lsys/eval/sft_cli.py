@@ -17,7 +17,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from lsys.data import DataConfig, chat_template_of, load_examples
-from lsys.data.sft import example_windows, read_conversation, tokenize_examples
+from lsys.data.sft import read_conversation, windows_of_examples
 from lsys.eval.cli import run_dir_of
 from lsys.eval.needle import EvalError
 from lsys.eval.sft import AnswerResult, answer_scores
@@ -56,13 +56,10 @@ def run(cfg: DictConfig) -> int:
                             "data.val_split")
         if cfg.eval.loss_examples is not None:
             held_out = held_out.select(range(min(cfg.eval.loss_examples, len(held_out))))
-        where = f"data set '{data.name}' (validation)"
-        fields = list(data.example_fields.values())
-        windows = example_windows(
-            tokenize_examples(held_out, format=data.format, fields=fields, template=template, tokenizer=tokenizer,
-                              num_proc=data.num_proc, where=where),
-            seq_len=seq_len, packing=data.packing, truncation=data.truncation, pad_id=tokenizer.eos_id, where=where,
+        windows = windows_of_examples(
+            held_out, cfg=data, template=template, tokenizer=tokenizer, seq_len=seq_len, split="validation"
         )
+        fields = list(data.example_fields.values())
         # Every window once: dp replica r takes windows r, r + dp, ...; its sp ranks their positions of each.
         positions = mesh.layout.positions(mesh.sp_rank, seq_len) if mesh.sp > 1 else slice(None)
         mine = torch.arange(mesh.dp_rank, windows.count, mesh.dp)
@@ -75,7 +72,7 @@ def run(cfg: DictConfig) -> int:
         )
         conversations = [
             read_conversation([row[field] for field in fields], format=data.format, fields=fields,
-                              where=f"{where} example {index}")
+                              where=f"data set '{data.name}' (validation) example {index}")
             for index, row in enumerate(held_out.select(range(min(cfg.eval.samples, len(held_out)))))
         ]
         results = answer_scores(
