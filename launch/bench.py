@@ -19,11 +19,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from kernels import S2Pattern
+# benchmarks/ (and the tests/ helper it spawns ranks with) ship with the checkout, not with the
+# installed packages: find them in the repository this script sits in. Appended, so that lsys,
+# parallel and kernels still come from where they are installed, as for launch/train.py.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from lsys.bench import (
+from benchmarks import kernel_bench
+from benchmarks.harness import (
     MIXER_OPTIONS,
     REPO,
     decode_stats,
@@ -39,9 +42,10 @@ from lsys.bench import (
     visited_tile_fraction,
     write_section,
 )
-from lsys import kernel_bench
+from benchmarks.step_memory import measure_in_fresh_process
+from kernels import S2Pattern
+from lsys.hydra_app import compose_config
 from lsys.models import ActivationPlan, ModelConfig
-from lsys.step_memory import measure_in_fresh_process
 from lsys.train.memory import training_state
 from lsys.train.plan_command import plan_setup
 from lsys.train.planner import SP_OPS, Setup, forward_bytes, longest_sequence, plan
@@ -229,8 +233,7 @@ def longest_sequences(args: argparse.Namespace) -> str:
                 overrides = [f"model={name}", f"parallel.sp={gpus}", "parallel.engine=deepspeed", "parallel.zero_stage=3",
                              "trainer.activation_checkpointing=full", f"trainer.loss_chunk={args.loss_chunk}",
                              "trainer.micro_batch_size=1", f"trainer.offload_activations={str(offload).lower()}"]
-                with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-                    setup = plan_setup(compose(config_name="plan", overrides=overrides))
+                setup = plan_setup(compose_config(REPO / "conf", "plan", overrides))
                 length, best = longest_sequence(setup, 80 * 2**30, cache)
                 kept = sum(best.kept.values()) if best else 0.0
                 peak = best.peak if best else 0.0
@@ -298,7 +301,7 @@ def bench_activations(args: argparse.Namespace) -> tuple[str, str]:
     shape = ", ".join(f"{key} {value}" for key, value in ACTIVATION_MODEL.items() if key != "max_seq_len")
     body = (
         f"Measured on {machine_line()} with `{args.command}`: one forward+backward of a small model ({shape}; "
-        "RAT chunk 16, local window 1024, fp32, batch 1) per cell, each in a fresh process (`lsys/step_memory.py`: "
+        "RAT chunk 16, local window 1024, fp32, batch 1) per cell, each in a fresh process (`benchmarks/step_memory.py`: "
         "one warm-up step, then the kernel's high-water mark of resident memory reset through /proc/self/clear_refs, "
         "and the second step's peak over the resident memory before it; glibc told to map every block of 64 KiB or "
         "more on its own, `MALLOC_MMAP_THRESHOLD_=65536`, so that freed tensors leave resident memory). Weights are "
@@ -330,7 +333,7 @@ def bench_documents(args: argparse.Namespace) -> tuple[str, str]:
         f"Measured on {machine_line()} with `{args.command}`: torch backends, fp32, batch 1, {heads} heads "
         f"of {head_dim}, forward+backward of the op alone with and without `segment_ids` (median of 3 each, "
         "timed alternately after a warm-up). The documents: log-normal lengths, median "
-        f"{args.document_median} tokens (sigma 1, at least 8; `lsys/bench.py::document_mix`): {documents} documents. "
+        f"{args.document_median} tokens (sigma 1, at least 8; `benchmarks/harness.py::document_mix`): {documents} documents. "
         "S2 uses the 1B pattern (blocks of 64, 16 local blocks, stride 8).\n\n" + "\n".join(lines) + "\n\n"
         f"Causal 64 x 64 attention tiles a kernel still visits when it skips tiles that hold only other documents "
         f"(`visited_tile_fraction`): {visited} of the causal tiles."

@@ -1,10 +1,12 @@
 """Start-up validation of the composed Hydra config: every problem found, each in one line."""
 
+import math
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kernels.backend import BACKENDS
 from lsys.models import MIXERS, ActivationPlan, ModelConfig
 from lsys.train.deepspeed_config import settings_problems as deepspeed_settings_problems
 from lsys.train.engine import ENGINES
@@ -47,6 +49,9 @@ def check_model(model: ModelConfig, seq_len: int) -> list[str]:
         problems.append(f"model head dim d_model/n_heads = {model.head_dim} must be even for RoPE")
     if not model.layers:
         problems.append("model.layers is empty: name at least one mixer")
+    if model.kernel_backend not in BACKENDS:
+        choices = f"{', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}"
+        problems.append(f"model.kernel_backend must be {choices}, got {model.kernel_backend!r}")
     if seq_len <= 0:
         problems.append(f"data.seq_len must be positive, got {seq_len}")
     elif seq_len > model.max_seq_len:
@@ -70,10 +75,10 @@ def check_model(model: ModelConfig, seq_len: int) -> list[str]:
 
 
 def sequence_parallel_multiple(model: ModelConfig, pieces: int) -> int:
-    """What a sequence split into `pieces` layout pieces must be a multiple of: whole RAT chunks per piece."""
-    if "rat" in model.layers:
-        return pieces * model.mixer_options.get("rat", {}).get("chunk_size", 16)
-    return pieces
+    """What a sequence split into `pieces` layout pieces must be a multiple of: each mixer's multiple, per piece."""
+    options = model.mixer_options
+    multiples = (MIXERS[name].sequence_multiple(model, **options.get(name, {})) for name in dict.fromkeys(model.layers))
+    return pieces * math.lcm(*multiples)
 
 
 def check_sequence_parallel(model: ModelConfig, seq_len: int, parallel: DictConfig) -> list[str]:
@@ -91,12 +96,19 @@ def check_sequence_parallel(model: ModelConfig, seq_len: int, parallel: DictConf
             f"(sp={sp}{' x 2 for the zigzag layout' if layout == 'zigzag' else ''})"
         )
     mixers = set(model.layers)
-    multiple = sequence_parallel_multiple(model, pieces)
-    if "rat" in mixers and seq_len % multiple:
-        problems.append(
-            f"data.seq_len ({seq_len}) must be divisible by chunk_size x {pieces} = {multiple} "
-            "so that no RAT chunk straddles two ranks"
-        )
+    for name in dict.fromkeys(model.layers):
+        if name not in MIXERS:
+            continue  # check_model names it
+        try:
+            multiple = MIXERS[name].sequence_multiple(model, **model.mixer_options.get(name, {}))
+        except TypeError:
+            continue  # an unknown option, which check_model names
+        # 1 is the pieces' own multiple, checked above; a size that is not positive is check_model's to name.
+        if multiple > 1 and seq_len % (multiple * pieces):
+            problems.append(
+                f"data.seq_len ({seq_len}) must be divisible by {multiple} x {pieces} = {multiple * pieces}: "
+                f"mixer {name!r} needs a multiple of {multiple} tokens in each of the {pieces} layout pieces"
+            )
     ulysses = {"ring": 1, "ulysses": sp, "hybrid": parallel.ulysses}[mode]
     if mixers & {"attention", "local"} and model.n_heads % ulysses:
         problems.append(f"model.n_heads ({model.n_heads}) is not divisible by the Ulysses degree ({ulysses})")
@@ -138,6 +150,8 @@ def check_config(cfg: DictConfig) -> list[str]:
             problems.append(f"trainer.{key} must be above 1 or null, got {trainer[key]}")
     if trainer.max_grad_norm_abort is not None and trainer.max_grad_norm_abort <= 0:
         problems.append(f"trainer.max_grad_norm_abort must be positive or null, got {trainer.max_grad_norm_abort}")
+    if trainer.peak_tflops is not None and trainer.peak_tflops <= 0:
+        problems.append(f"trainer.peak_tflops must be positive (TFLOP/s) or null, got {trainer.peak_tflops}")
     if trainer.spike_window < 1:
         problems.append(f"trainer.spike_window must be at least 1, got {trainer.spike_window}")
     return problems

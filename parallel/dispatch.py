@@ -7,6 +7,7 @@ With no mesh or sp = 1 these are the kernels/ ops. With sp > 1:
   each with its own strided share of the context;
 - rat: RAT-SP; linear_attention: LASP-2.
 With `documents` (parallel/documents.py) every op keeps each packed document to itself.
+`backend` (kernels/backend.py: "auto", "torch" or "triton") goes to every kernels/ call they make.
 """
 
 from dataclasses import replace
@@ -37,13 +38,15 @@ def local_positions(local_len: int, device: torch.device, documents: Documents |
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None, s2: S2Pattern | None = None,
-    documents: Documents | None = None,
+    documents: Documents | None = None, backend: str = "auto",
 ) -> Tensor:
     """Causal attention of this rank's tokens over the whole sequence (over their own documents)."""
     mesh = sequence_parallel()
     if mesh is None:
         segment_ids = None if documents is None else documents.local_ids
-        return kernels.attention(q, k, v, causal=True, window=window, s2=s2, segment_ids=segment_ids)
+        return kernels.attention(
+            q, k, v, causal=True, window=window, s2=s2, segment_ids=segment_ids, backend=backend
+        )
     layout = mesh.layout.kind
     global_ids = None if documents is None else documents.global_ids
     if s2 is not None or mesh.sp_mode == "ulysses":
@@ -51,10 +54,12 @@ def attention(
         def local_attention(q: Tensor, k: Tensor, v: Tensor, head_start: int) -> Tensor:
             pattern = replace(s2, head_start=head_start) if s2 is not None else None
             # Ulysses hands over the whole sequence in order, so its ids are the global ones.
-            return kernels.attention(q, k, v, causal=True, window=window, s2=pattern, segment_ids=global_ids)
+            return kernels.attention(
+                q, k, v, causal=True, window=window, s2=pattern, segment_ids=global_ids, backend=backend
+            )
 
         return ulysses_attention(q, k, v, mesh.sp_group, attn=local_attention, layout=layout)
-    options = dict(causal=True, window=window, layout=layout, segment_ids=global_ids)
+    options = dict(causal=True, window=window, layout=layout, segment_ids=global_ids, backend=backend)
     if mesh.sp_mode == "ring":
         return ring_attention(q, k, v, mesh.sp_group, **options)
     return hybrid_attention(q, k, v, mesh.ulysses_group, mesh.ring_group, **options)
@@ -62,26 +67,30 @@ def attention(
 
 def rat(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, chunk_size: int, rope_base: float | None,
-    documents: Documents | None = None,
+    documents: Documents | None = None, backend: str = "auto",
 ) -> Tensor:
     """The RAT core of this rank's tokens (chunk summaries of earlier ranks included)."""
     mesh = sequence_parallel()
     if mesh is None:
         segment_ids = None if documents is None else documents.local_ids
-        return kernels.rat(q, k, v, g, chunk_size=chunk_size, rope_base=rope_base, segment_ids=segment_ids)
+        return kernels.rat(
+            q, k, v, g, chunk_size=chunk_size, rope_base=rope_base, segment_ids=segment_ids, backend=backend
+        )
     return rat_sp(
         q, k, v, g, mesh.sp_group, chunk_size=chunk_size, rope_base=rope_base, layout=mesh.layout.kind,
-        segment_ids=None if documents is None else documents.global_ids,
+        segment_ids=None if documents is None else documents.global_ids, backend=backend,
     )
 
 
-def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, decay: Tensor, documents: Documents | None = None) -> Tensor:
+def linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, decay: Tensor, documents: Documents | None = None, backend: str = "auto"
+) -> Tensor:
     """Decayed linear attention of this rank's tokens (earlier ranks' states included)."""
     mesh = sequence_parallel()
     if mesh is None:
         segment_ids = None if documents is None else documents.local_ids
-        return kernels.linear_attention(q, k, v, decay=decay, segment_ids=segment_ids)
+        return kernels.linear_attention(q, k, v, decay=decay, segment_ids=segment_ids, backend=backend)
     return lasp(
         q, k, v, mesh.sp_group, decay=decay, layout=mesh.layout.kind,
-        segment_ids=None if documents is None else documents.global_ids,
+        segment_ids=None if documents is None else documents.global_ids, backend=backend,
     )

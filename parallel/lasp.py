@@ -33,11 +33,12 @@ def _decay_powers(log_decay: Tensor, exponents: Tensor) -> Tensor:
 
 def lasp(
     q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, *, decay: Tensor, layout: str = "zigzag",
-    segment_ids: Tensor | None = None,
+    segment_ids: Tensor | None = None, backend: str = "auto",
 ) -> Tensor:
     """Lightning attention on this rank's `[B, T_local, H, D]` tokens of a sequence split over `group` by `layout`.
 
     `segment_ids [B, T]`: the whole sequence's document ids, on every rank (parallel/documents.py).
+    `backend`: that of every `kernels.linear_attention` call (kernels/backend.py).
 
     Each rank sends (P-1) * pieces * B * H * Dk * Dv elements forward (the same backward),
     whatever the length: pieces = 2 for zigzag, 1 for contiguous; the elements are the
@@ -59,7 +60,7 @@ def lasp(
     world = 1 if group is None else dist.get_world_size(group)
     if world == 1:
         # One rank holds the whole sequence, and both layouts keep it in order: one kernel call.
-        return kernels.linear_attention(q, k, v, decay=decay, segment_ids=segment_ids)
+        return kernels.linear_attention(q, k, v, decay=decay, segment_ids=segment_ids, backend=backend)
 
     local_len = q.shape[1]
     sequence = SequenceLayout(layout, world)
@@ -109,6 +110,6 @@ def lasp(
             row_weights = weights[:, :, None] * (last_ids == ids[:, 0])[..., None]  # [P, pieces, B, H]
             initial_state = torch.einsum("rnbh,rnbhkv->bhkv", row_weights, gathered)
         outputs.append(kernels.linear_attention(
-            q_piece, k_piece, v_piece, decay=decay, initial_state=initial_state, segment_ids=ids
+            q_piece, k_piece, v_piece, decay=decay, initial_state=initial_state, segment_ids=ids, backend=backend
         ))
     return torch.cat(outputs, dim=1)

@@ -47,10 +47,12 @@ def rat_sp(
     rope_base: float | None = 10000.0,
     layout: str = "zigzag",
     segment_ids: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """RAT core on this rank's `[B, T_local, H, D]` tokens of a sequence split over `group` by `layout`.
 
     `segment_ids [B, T]`: the whole sequence's document ids, on every rank (parallel/documents.py).
+    `backend`: that of every kernels/ call, `kernels.rat` and `kernels.attention` (kernels/backend.py).
 
     Each rank sends (P-1) * 2 * B * (T_local / chunk_size) * H * D elements forward (the
     same backward) in k's dtype: chunk_size times fewer bytes than ring attention's
@@ -67,7 +69,9 @@ def rat_sp(
     world = 1 if group is None else dist.get_world_size(group)
     if world == 1:
         # One rank holds the whole sequence, and both layouts keep it in order: one kernel call.
-        return kernels.rat(q, k, v, g, chunk_size=chunk_size, rope_base=rope_base, segment_ids=segment_ids)
+        return kernels.rat(
+            q, k, v, g, chunk_size=chunk_size, rope_base=rope_base, segment_ids=segment_ids, backend=backend
+        )
 
     local_len = q.shape[1]
     sequence = SequenceLayout(layout, world)
@@ -86,14 +90,14 @@ def rat_sp(
                 f"rat_sp: segment_ids {tuple(segment_ids.shape)} must be the whole sequence's [B, T] = "
                 f"[{q.shape[0]}, {local_len * world}]"
             )
-        return _rat_sp_documents(q, k, v, g, group, sequence, segment_ids, chunk_size, rope_base)
+        return _rat_sp_documents(q, k, v, g, group, sequence, segment_ids, chunk_size, rope_base, backend)
 
     lengths = [piece.length for piece in pieces]
     q_pieces, k_pieces, v_pieces, g_pieces = (x.split(lengths, dim=1) for x in (q, k, v, g))
     own = [
         kernels.rat(
             q_piece, k_piece, v_piece, g_piece, chunk_size=chunk_size, rope_base=rope_base,
-            chunk_start=piece.start // chunk_size, return_lse=True, return_summaries=True,
+            chunk_start=piece.start // chunk_size, return_lse=True, return_summaries=True, backend=backend,
         )
         for piece, q_piece, k_piece, v_piece, g_piece in zip(pieces, q_pieces, k_pieces, v_pieces, g_pieces)
     ]
@@ -109,13 +113,15 @@ def rat_sp(
     outputs = []
     for piece, q_piece, (out, lse, _, _) in zip(pieces, q_pieces, own):
         prefix_k, prefix_v = summaries[:, :, : piece.start // chunk_size]
-        outputs.append(_fold_in_prefix(out, lse, q_piece, prefix_k, prefix_v, piece.start, chunk_size, rope_base))
+        outputs.append(
+            _fold_in_prefix(out, lse, q_piece, prefix_k, prefix_v, piece.start, chunk_size, rope_base, backend)
+        )
     return torch.cat(outputs, dim=1)
 
 
 def _rat_sp_documents(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, group: dist.ProcessGroup, sequence: SequenceLayout,
-    segment_ids: Tensor, chunk_size: int, rope_base: float | None,
+    segment_ids: Tensor, chunk_size: int, rope_base: float | None, backend: str,
 ) -> Tensor:
     """rat_sp with each document alone (see the module docstring)."""
     rank, seq_len = dist.get_rank(group), segment_ids.shape[1]
@@ -146,7 +152,7 @@ def _rat_sp_documents(
             q_piece, k_piece, v_piece, g_piece, chunk_size=chunk_size, rope_base=rope_base,
             segment_ids=segment_ids[:, piece.start : piece.end], document_offset=positions[:, piece.start],
             initial_state=None if before is None else (before[0], before[1]),
-            return_lse=True, return_summaries=True,
+            return_lse=True, return_summaries=True, backend=backend,
         ))
 
     # 3. Summaries of every piece in global order, and what each slot holds.
@@ -179,7 +185,7 @@ def _rat_sp_documents(
         rotated_q = rotate(q_piece, chunk_index[:, piece.start : piece.end], rope_base)
         prefix_out, prefix_lse = kernels.attention(
             rotated_q, prefix_k.to(q.dtype), prefix_v.to(q.dtype), causal=False, return_lse=True,
-            segment_ids=ids, k_segment_ids=key_ids,
+            segment_ids=ids, k_segment_ids=key_ids, backend=backend,
         )
         outputs.append(_merge(out, lse, prefix_out, prefix_lse))
     # Every rank must take part in the backward reduce-scatters, whether or not it read what came in:
@@ -196,7 +202,7 @@ def _merge(out: Tensor, lse: Tensor, prefix_out: Tensor, prefix_lse: Tensor) -> 
 
 def _fold_in_prefix(
     out: Tensor, lse: Tensor, q: Tensor, prefix_k: Tensor, prefix_v: Tensor, start: int, chunk_size: int,
-    rope_base: float | None,
+    rope_base: float | None, backend: str,
 ) -> Tensor:
     """A piece's output once its queries also attend to the summaries `[B, C0, H, D]` of all earlier chunks."""
     if prefix_k.shape[1] == 0:
@@ -207,6 +213,6 @@ def _fold_in_prefix(
     chunk_ids = (start + torch.arange(q.shape[1], device=q.device)) // chunk_size
     q = rotate(q, chunk_ids, rope_base)
     prefix_out, prefix_lse = kernels.attention(
-        q, prefix_k.to(q.dtype), prefix_v.to(q.dtype), causal=False, return_lse=True
+        q, prefix_k.to(q.dtype), prefix_v.to(q.dtype), causal=False, return_lse=True, backend=backend
     )
     return _merge(out, lse, prefix_out, prefix_lse)

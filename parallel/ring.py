@@ -187,7 +187,7 @@ def _merge(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tens
 
 def _ring_forward(
     q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, plan: _RingPlan, scale: float,
-    segment_ids: Tensor | None,
+    segment_ids: Tensor | None, backend: str,
 ) -> tuple[Tensor, Tensor]:
     """This rank's merged (out `[B, T, H, D]` in q's dtype, lse `[B, H, T]` in the compute dtype)."""
     dtype = compute_dtype(q.dtype)
@@ -203,7 +203,7 @@ def _ring_forward(
                 out_b, lse_b = attention(
                     q[:, rows], kv[0][:, cols], kv[1][:, cols], causal=plan.causal, window=plan.window,
                     q_start=q_piece.start, k_start=k_piece.start, scale=scale, return_lse=True,
-                    **_pair_segments(segment_ids, q_piece, k_piece),
+                    **_pair_segments(segment_ids, q_piece, k_piece), backend=backend,
                 )
                 out[:, rows], lse[..., rows] = _merge(out[:, rows], lse[..., rows], out_b, lse_b)
         _wait(works)
@@ -215,7 +215,7 @@ def _ring_forward(
 
 def _block_grads(
     q: Tensor, kv: tuple[Tensor, Tensor], out: Tensor, lse: Tensor, dout: Tensor, dq: Tensor,
-    pairs: list[tuple[Run, Run]], plan: _RingPlan, scale: float, segment_ids: Tensor | None,
+    pairs: list[tuple[Run, Run]], plan: _RingPlan, scale: float, segment_ids: Tensor | None, backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(dK, dV) of the held block from this rank's queries; their dq is added into `dq` in place.
 
@@ -231,7 +231,7 @@ def _block_grads(
             out_b, lse_b = attention(
                 q_b, k_b, v_b, causal=plan.causal, window=plan.window,
                 q_start=q_piece.start, k_start=k_piece.start, scale=scale, return_lse=True,
-                **_pair_segments(segment_ids, q_piece, k_piece),
+                **_pair_segments(segment_ids, q_piece, k_piece), backend=backend,
             )
         # The merged out is sum_b w_b out_b with w_b = exp(lse_b - lse), so d out / d out_b = w_b and
         # d out / d lse_b = w_b (out_b - out). The merged lse is finite (every query sees its own key),
@@ -250,7 +250,7 @@ def _block_grads(
 
 def _ring_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    group: dist.ProcessGroup | None, plan: _RingPlan, scale: float, segment_ids: Tensor | None,
+    group: dist.ProcessGroup | None, plan: _RingPlan, scale: float, segment_ids: Tensor | None, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of this rank's q, k, v: the K/V ring again, with dK/dV partial sums hopping along."""
     dtype = compute_dtype(q.dtype)
@@ -266,7 +266,9 @@ def _ring_backward(
         sent += nbytes
         grads = None
         if plan.holds(step):
-            grads = _block_grads(q, kv, out, lse, dout, dq, plan.pairs(plan.owner(step)), plan, scale, segment_ids)
+            grads = _block_grads(
+                q, kv, out, lse, dout, dq, plan.pairs(plan.owner(step)), plan, scale, segment_ids, backend
+            )
         _wait(incoming_works)
         if incoming is not None:
             grads = (grads[0] + incoming[0], grads[1] + incoming[1])
@@ -302,20 +304,22 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, plan: _RingPlan, scale: float,
-        segment_ids: Tensor | None,
+        segment_ids: Tensor | None, backend: str,
     ):
         # Point-to-point sends need contiguous memory.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = _ring_forward(q, k, v, group, plan, scale, segment_ids)
+        out, lse = _ring_forward(q, k, v, group, plan, scale, segment_ids, backend)
         ctx.save_for_backward(q, k, v, out, lse, segment_ids)
-        ctx.group, ctx.plan, ctx.scale = group, plan, scale
+        ctx.group, ctx.plan, ctx.scale, ctx.backend = group, plan, scale, backend
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse, segment_ids = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.group, ctx.plan, ctx.scale, segment_ids)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _ring_backward(
+            dout, q, k, v, out, lse, ctx.group, ctx.plan, ctx.scale, segment_ids, ctx.backend
+        )
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -344,10 +348,12 @@ def ring_attention_pieces(
     window: int | None = None,
     scale: float | None = None,
     segment_ids: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Attention of this rank's tokens over the whole sequence, where ring rank r holds `pieces[r]` (in local order).
 
     `segment_ids [B, T]`: the whole sequence's document ids (kernels/segments.py), on every rank.
+    `backend`: that of every `kernels.attention` call, forward and backward (kernels/backend.py).
     """
     _check_shapes(q, k, v)
     rank, world = _ring(group)
@@ -380,9 +386,9 @@ def ring_attention_pieces(
         ids = None if segment_ids is None else segment_ids[:, piece.start : piece.end]
         return attention(
             q, k, v, causal=causal, window=window, q_start=piece.start, k_start=piece.start, scale=scale,
-            segment_ids=ids,
+            segment_ids=ids, backend=backend,
         )
-    return _RingAttention.apply(q, k, v, group, plan, scale, segment_ids)
+    return _RingAttention.apply(q, k, v, group, plan, scale, segment_ids, backend)
 
 
 def ring_attention(
@@ -396,10 +402,12 @@ def ring_attention(
     layout: str = "zigzag",
     scale: float | None = None,
     segment_ids: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Attention of this rank's `[B, T_local, H, D]` tokens over the sequence split over `group` by `layout`.
 
     `segment_ids [B, T]`: the whole sequence's document ids, on every rank (parallel/documents.py).
+    `backend`: that of every `kernels.attention` call (kernels/backend.py).
     """
     _check_shapes(q, k, v)
     _, world = _ring(group)
@@ -408,7 +416,8 @@ def ring_attention(
     if world == 1:
         # One rank holds the whole sequence in order under every layout (zigzag's two chunks are adjacent).
         return ring_attention_pieces(
-            q, k, v, group, [[Piece(0, seq_len)]], causal=causal, window=window, scale=scale, segment_ids=segment_ids
+            q, k, v, group, [[Piece(0, seq_len)]], causal=causal, window=window, scale=scale,
+            segment_ids=segment_ids, backend=backend,
         )
     if seq_len % sequence.unit():
         raise ValueError(
@@ -417,5 +426,5 @@ def ring_attention(
         )
     pieces = [sequence.pieces(ring_rank, seq_len) for ring_rank in range(world)]
     return ring_attention_pieces(
-        q, k, v, group, pieces, causal=causal, window=window, scale=scale, segment_ids=segment_ids
+        q, k, v, group, pieces, causal=causal, window=window, scale=scale, segment_ids=segment_ids, backend=backend
     )

@@ -136,15 +136,19 @@ def hybrid_attention(
     layout: str = "zigzag",
     scale: float | None = None,
     segment_ids: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Causal/window attention: Ulysses in each ulysses group, ring across them; returns `[B, T_local, H, D]`.
 
     `segment_ids [B, T]`: the whole sequence's document ids, on every rank (parallel/documents.py).
+    `backend`: that of every `kernels.attention` call (kernels/backend.py).
     """
     degree, ring_size = _group_size(ulysses_group), _group_size(ring_group)
     _check(q, k, v, degree)
     if degree * ring_size == 1:
-        return kernels.attention(q, k, v, causal=causal, window=window, scale=scale, segment_ids=segment_ids)
+        return kernels.attention(
+            q, k, v, causal=causal, window=window, scale=scale, segment_ids=segment_ids, backend=backend
+        )
     # sp rank = ring rank * U + ulysses rank: ring rank j's ulysses group is sp ranks jU .. jU+U-1.
     sequence = SequenceLayout(layout, degree * ring_size)
     seq_len = q.shape[1] * degree * ring_size
@@ -152,7 +156,7 @@ def hybrid_attention(
         [sequence.pieces(ring_rank * degree + rank, seq_len) for rank in range(degree)]
         for ring_rank in range(ring_size)
     ]
-    options = dict(causal=causal, window=window, scale=scale, segment_ids=segment_ids)
+    options = dict(causal=causal, window=window, scale=scale, segment_ids=segment_ids, backend=backend)
     if degree == 1:
         # Nothing to exchange: plain ring attention over the layout's pieces.
         return ring_attention_pieces(q, k, v, ring_group, [group[0] for group in pieces], **options)

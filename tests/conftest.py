@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# `make test` runs the suite on pytest-xdist workers: each computes on one thread (set before torch
+# starts its thread pool, and inherited by the ranks it spawns), so that they never fight over the cores.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402  (after the thread setting above)
 
 # Triton kernels run on CPU tensors only in the interpreter, and Triton reads this when a
 # kernel module is imported; so set it before any test imports one.
@@ -31,12 +37,16 @@ TINY = [
 ]
 
 
-def compose_config(overrides: list[str]):
-    """The training config as launch/train.py composes it from these overrides."""
-    from hydra import compose, initialize_config_dir
+def compose_config(overrides: list[str], config_name: str = "config"):
+    """The config as launch/train.py (or the app of `config_name`) composes it from these overrides."""
+    from lsys.hydra_app import compose_config as compose_app_config
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose_app_config(CONF_DIR, config_name, overrides)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Multi-process and end-to-end tests (`slow`) first: under xdist the long ones start early, short ones fill in."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def train_command(overrides: list[str], nproc: int = 1, script: str = "launch/train.py") -> list[str]:
@@ -76,3 +86,16 @@ def write_corpus(folder: Path) -> Path:
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run directory of a 2-step run of the tiny RAT (TINY, one process), trained once for the tests that read a
+    trained run (once per session, so once per xdist worker); a test that changes it copies it."""
+    folder = tmp_path_factory.mktemp("trained_run")
+    run_dir = folder / "run"
+    overrides = ["data=files", f"data.path={write_corpus(folder / 'corpus')}", *TINY, "trainer.max_steps=2",
+                 f"run_dir={run_dir}"]
+    result = run_train(overrides, cwd=folder)
+    assert result.returncode == 0, result.stderr
+    return run_dir

@@ -10,8 +10,8 @@ from lsys.config import check_config, device_problems
 from lsys.models import ActivationPlan, ModelConfig, build_model
 from lsys.models.tiling import tiled_cross_entropy, tiled_mlp
 from parallel import World, init_mesh
-from parallel.local_ranks import run_local_ranks
 from tests.conftest import compose_config
+from tests.local_ranks import run_local_ranks
 
 # One small model per mixer; S2's blocks are at least 16 tokens, so sequences are 64 long.
 MIXER_OPTIONS = {

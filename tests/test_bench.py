@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from lsys.bench import NOTES_HEADING, document_mix, visited_tile_fraction, write_section
+from benchmarks.harness import NOTES_HEADING, document_mix, visited_tile_fraction, write_section
 
 
 def test_sections_are_replaced_in_place_and_new_ones_go_before_the_notes(tmp_path: Path):

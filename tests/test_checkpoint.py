@@ -1,17 +1,22 @@
 """Checkpointer: atomic layout, pruning, and refusing incomplete, corrupt or mismatched checkpoints."""
 
+import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lsys.config import ConfigError
 from lsys.models import ModelConfig, build_model
 from lsys.train.checkpoint import Checkpointer, CheckpointError, load_model_weights, rng_state, set_rng_state
 from lsys.train.engine import DDPEngine
 from lsys.train.guard import DivergenceGuard
-from parallel import World
+from lsys.train.trainer import Trainer
+from parallel import World, init_mesh, shutdown
+from tests.conftest import TINY, compose_config
 
 WORLD = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 RUN = OmegaConf.create({
@@ -93,17 +98,63 @@ def test_manifest_lists_checksums(tmp_path: Path):
     assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
 
 
-def test_mismatched_model_is_refused_before_loading(tmp_path: Path):
-    checkpointer = Checkpointer(tmp_path, WORLD, keep=1)
-    checkpointer.save(1, trained_engine(), {"step": 1}, {})
-    bigger = DDPEngine(build_model(ModelConfig(d_model=64, n_heads=2, n_layers=1, ffn_dim=64)), RUN, world=WORLD,
-                       max_steps=10)
-    before = {k: v.clone() for k, v in bigger.model.state_dict().items()}
+@pytest.fixture
+def one_process_mesh():
+    mesh = init_mesh(WORLD)
+    yield mesh
+    shutdown()
+
+
+def test_mismatched_model_is_refused_before_loading(corpus: Path, tmp_path: Path, one_process_mesh):
+    """Trainer.restore, as a resume calls it, refuses another model's checkpoint and leaves every state as it was."""
+
+    def trainer(run: str, *overrides: str) -> Trainer:
+        cfg = compose_config(["data=files", f"data.path={corpus}", *TINY, f"run_dir={tmp_path / run}", *overrides])
+        return Trainer(cfg, WORLD, one_process_mesh)
+
+    narrower = trainer("narrower", "model.d_model=32")  # TINY's is 64
+    narrower.save()
+    resumed = trainer("run")
+    resumed.engine.train_step([next(iter(resumed.train_loader))], OPEN_GUARD)  # optimizer state to keep intact
+
+    def everything_restore_sets() -> dict:
+        return {
+            "model": {name: tensor.clone() for name, tensor in resumed.model.state_dict().items()},
+            "optimizer": copy.deepcopy(resumed.engine.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(resumed.engine.scheduler.state_dict()),
+            "loader": resumed.train_loader.state_dict(),
+            "rng": torch.get_rng_state(),
+            "step": (resumed.step, resumed.tokens_seen, resumed.resumed_from),
+        }
+
+    before = everything_restore_sets()
+    assert before["optimizer"]["state"], "the optimizer has state to compare"
+    checkpoint = resumed.checkpointer.load(tmp_path / "narrower" / "step-00000000")
+    with pytest.raises(ConfigError, match=r"model.d_model: 32 -> 64"):
+        resumed.restore(checkpoint)
+    assert_same_states(everything_restore_sets(), before)
+    # A checkpoint from before lsys recorded configs is compared by its weights' shapes alone.
+    with pytest.raises(CheckpointError, match=r"does not match the model config: shape \['embed.weight \(320, 32\) vs"):
+        resumed.restore(replace(checkpoint, config=None))
+    assert_same_states(everything_restore_sets(), before)
     with pytest.raises(CheckpointError, match="does not match the model config"):
-        bigger.load(checkpointer.load(tmp_path / "step-00000001").path, {})
-    with pytest.raises(CheckpointError, match="does not match the model config"):
-        load_model_weights(tmp_path / "step-00000001", bigger.model.state_dict())
-    assert all(torch.equal(before[k], v) for k, v in bigger.model.state_dict().items())
+        load_model_weights(checkpoint.path, resumed.model.state_dict())  # the init_from / export path
+
+
+def assert_same_states(after, before, where: str = "state") -> None:
+    """Bit for bit: every tensor equal and every other value equal, through dicts, lists and tuples."""
+    if isinstance(before, torch.Tensor):
+        assert torch.equal(after, before), where
+    elif isinstance(before, dict):
+        assert after.keys() == before.keys(), where
+        for key in before:
+            assert_same_states(after[key], before[key], f"{where}[{key!r}]")
+    elif isinstance(before, (list, tuple)):
+        assert len(after) == len(before), where
+        for index, (a, b) in enumerate(zip(after, before)):
+            assert_same_states(a, b, f"{where}[{index}]")
+    else:
+        assert after == before, where
 
 
 def test_rng_state_round_trip():

@@ -31,7 +31,8 @@ from lsys.data import (
     segment_ids,
 )
 from lsys.data.packing import token_stream, tokenize_documents
-from lsys.data.sources import in_validation_split, load_files, load_hub, load_stdlib
+from lsys.data.sources import load_files, load_hub, load_stdlib
+from lsys.data.splits import in_validation_split
 from parallel.layout import SequenceLayout
 from tests.conftest import CONF_DIR, compose_config
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from lsys.hydra_app import compose_config as compose_app_config
 
 from lsys.config import activation_plan, check_config, model_config
 from lsys.generate import load_for_generation
@@ -29,9 +29,9 @@ from lsys.train.export import export_checkpoint
 from lsys.train.guard import DivergenceGuard
 from lsys.train.memory import training_state
 from parallel import World, init_mesh
-from parallel.local_ranks import run_local_ranks
 from parallel.mesh import shutdown
 from tests.conftest import CONF_DIR, TINY, read_metrics, run_train, train_command, write_corpus
+from tests.local_ranks import run_local_ranks
 
 RTOL = 1e-5
 STEPS, MICRO_BATCH, SEQ_LEN = 20, 2, 32
@@ -55,8 +55,7 @@ def compose_config(
 ):
     base = [f"model={model}", "model.d_model=64", "model.n_layers=2", "model.ffn_dim=128", f"data.seq_len={seq_len}",
             f"trainer.micro_batch_size={micro_batch}", f"trainer.grad_accum={grad_accum}", "optim.warmup_fraction=0"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[*base, *overrides])
+    return compose_app_config(CONF_DIR, "config", [*base, *overrides])
 
 
 def fixed_batches(rows: int, seq_len: int) -> list[torch.Tensor]:
@@ -170,7 +169,7 @@ ZERO_RUN = [*TINY, "parallel.engine=deepspeed", "parallel.zero_stage=2", "traine
             "trainer.checkpoint_every=4", "trainer.eval_every=4"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per session (per xdist worker): its users may be far apart
 def zero_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
     """A ZeRO-2 run on 2 processes that was never stopped: (its overrides, less run_dir; its run directory).
     Tests read it and write elsewhere."""
@@ -291,7 +290,7 @@ def node_command(node_rank: int, port: int, overrides: list[str]) -> list[str]:
 
 
 def run_two_nodes(overrides: list[str], cwd: Path) -> None:
-    from parallel.local_ranks import _free_port
+    from tests.local_ranks import _free_port
 
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -24,7 +24,7 @@ from lsys.models.config import ModelConfig
 from lsys.models.lm import LM
 from parallel import World, init_mesh
 from parallel.layout import LAYOUTS, SequenceLayout
-from parallel.local_ranks import run_local_ranks
+from tests.local_ranks import run_local_ranks
 
 TOLERANCE = 1e-10
 BATCH, HEADS, HEAD_DIM = 2, 4, 8

@@ -8,7 +8,7 @@ import torch
 
 from lsys.generate import Sampling, generate, next_tokens
 from lsys.models import ModelConfig, build_model
-from tests.conftest import REPO, TINY, run_train
+from tests.conftest import REPO
 
 OPTIONS = {
     "rat": {"chunk_size": 4, "qk_groups": 2},
@@ -123,12 +123,9 @@ def run_generate(args: list[str], cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_launch_generate_continues_prompts_of_a_trained_run(corpus, tmp_path):
-    run_dir = tmp_path / "run"
-    trained = run_train(["data=files", f"data.path={corpus}", *TINY, "trainer.max_steps=2", f"run_dir={run_dir}"], tmp_path)
-    assert trained.returncode == 0, trained.stderr
+def test_launch_generate_continues_prompts_of_a_trained_run(trained_run, tmp_path):
     result = run_generate(
-        [f"ckpt={run_dir}", 'prompts=["def main(","import "]', "max_new_tokens=24", "temperature=0"], tmp_path
+        [f"ckpt={trained_run}", 'prompts=["def main(","import "]', "max_new_tokens=24", "temperature=0"], tmp_path
     )
     assert result.returncode == 0, result.stderr
     assert "--- 'def main('\ndef main(" in result.stdout and "--- 'import '\nimport " in result.stdout

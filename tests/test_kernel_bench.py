@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import kernel_bench
 from kernels import S2Pattern
 from kernels.rat.naive import rat_naive
-from lsys import kernel_bench
 from tests.conftest import REPO
 
 

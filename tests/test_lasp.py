@@ -16,7 +16,7 @@ import torch.distributed as dist
 import kernels
 from kernels.linear_attention.chunk import BLOCK_SIZE
 from parallel import SequenceLayout, comm_stats, lasp, reset_comm_stats
-from parallel.local_ranks import run_local_ranks
+from tests.local_ranks import run_local_ranks
 
 TOL = 1e-9
 BATCH, HEADS = 2, 4

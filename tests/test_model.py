@@ -2,10 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from lsys.config import check_model
 from lsys.models import MIXERS, ModelConfig, build_model, register_mixer
+from lsys.models.lm import LM
 from lsys.models.rat import RAT
 
 TINY = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, ffn_dim=64, mixer_options={})
@@ -33,13 +37,35 @@ def test_lm_is_causal_at_any_length(layers: list[str], seq_len: int):
             assert not torch.allclose(other[:, t + 1 :], logits[:, t + 1 :])
 
 
+class UntiedLM(LM):
+    """The same LM with a head of its own, initialised as a copy of the embedding: what tying must not be."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.head = nn.Parameter(self.embed.weight.detach().clone())
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.head).float()
+
+
+def head_is_the_embedding(model: LM) -> bool:
+    """Whether the head is the embedding matrix: the model holds one [vocab, d_model] matrix (so num_params
+    counts it once), and a training step's gradient reaches the embedding rows of tokens that appear only as
+    targets (only the head can carry it there: the input lookup touches the rows of input tokens alone)."""
+    vocab, d_model = model.cfg.vocab_size, model.cfg.d_model
+    one_matrix = [p.shape for p in model.parameters()].count((vocab, d_model)) == 1
+    inputs = torch.randint(0, vocab // 2, (2, 8))
+    targets = torch.randint(vocab // 2, vocab, (2, 8))
+    model.zero_grad(set_to_none=True)
+    model(inputs, targets=targets).backward()
+    target_rows = model.embed.weight.grad[targets.unique()]
+    return one_matrix and bool((target_rows != 0).any(dim=1).all())
+
+
 def test_head_is_tied_to_the_embedding():
-    model = build_model(tiny(["rat"]))
-    names = [name for name, _ in model.named_parameters()]
-    assert not any("head" in name for name in names)
-    tokens = torch.randint(0, 50, (1, 5))
-    model(tokens).sum().backward()
-    assert model.embed.weight.grad is not None
+    torch.manual_seed(0)
+    assert head_is_the_embedding(build_model(tiny(["rat"])))
+    assert not head_is_the_embedding(UntiedLM(tiny(["rat"])))
 
 
 def test_layer_pattern_repeats():
@@ -101,11 +127,53 @@ def test_rat_gate_is_fp32_per_channel_and_groups_are_shared(monkeypatch):
     assert g.dtype == torch.float32 and ((g > 0) & (g < 1)).all()
 
 
-def test_flops_per_token_counts_weights_and_mixing():
+def counted_matmul_flops(model: LM, seq_len: int) -> tuple[float, float]:
+    """(weight, token-mixing) matmul FLOPs per token of one real training step (forward and backward), by
+    torch's FlopCounterMode: aten.mm are the linear layers and the tied head, aten.bmm the mixers' scores and
+    weighted sums. SDPA runs its math backend, whose matmuls the counter sees (it skips the fused CPU kernel)."""
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, seq_len + 1))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+    counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    assert set(counts) <= {"aten.mm", "aten.bmm"}, counts  # no matmul of another kind goes uncompared
+    return counts["aten.mm"] / tokens[:, 1:].numel(), counts.get("aten.bmm", 0) / tokens[:, 1:].numel()
+
+
+def vector_params(model: LM) -> int:
+    """Parameters outside matrices (norm weights, RAT's gate bias): 6N counts them, but they only scale or shift."""
+    return sum(p.numel() for p in model.parameters() if p.dim() < 2)
+
+
+# LM.flops_per_token against FlopCounterMode on a real step. The counter counts every matmul the torch backend
+# runs; the formula counts the work the model needs. They differ, exactly and for known reasons only:
+# - the backend computes scores the causal structure hides (SDPA's math path all T x T; RAT every summary for
+#   every token), so only the visible fraction of the counted mixing FLOPs is compared, that fraction taken from
+#   the mask of what a token sees;
+# - the formula also counts elementwise work a matmul counter cannot see: 6 FLOPs per vector parameter (the 6N
+#   convention), and for RAT, in forward and backward (x3) per layer, its own-state score and read (4 * d_model)
+#   and the gated scan (12 * d_model, the formula's own estimate of that elementwise work).
+# So the comparison is to float rounding (rel 1e-9), and an error of one visible key per token fails it.
+# Lightning is not compared: its formula counts the recurrent form (4 * d_model * head_dim per token), while
+# its torch backend runs the chunked form, whose matmul FLOPs depend on the block size.
+@pytest.mark.parametrize("seq_len", [64, 128])
+def test_flops_per_token_of_attention_matches_a_flop_counter(seq_len: int):
     model = build_model(tiny(["attention"]))
-    seq_len = 64
-    mixing = 2 * 4 * 32 * (seq_len + 1) / 2
-    assert model.flops_per_token(seq_len) == 6 * model.num_params() + 3 * mixing
+    weights, scores = counted_matmul_flops(model, seq_len)
+    causal_fraction = torch.ones(seq_len, seq_len).tril().mean().item()  # a query sees itself and earlier keys
+    counted = weights + causal_fraction * scores + 6 * vector_params(model)
+    assert model.flops_per_token(seq_len) == pytest.approx(counted, rel=1e-9)
+
+
+@pytest.mark.parametrize("seq_len", [32, 64])
+def test_flops_per_token_of_rat_matches_a_flop_counter(seq_len: int):
+    model = build_model(tiny(["rat"]))
+    chunks = seq_len // model.cfg.mixer_options["rat"]["chunk_size"]
+    weights, summary_scores = counted_matmul_flops(model, seq_len)
+    # The kernel scores every token against the summaries of chunks 0 .. C-2; a token of chunk c sees the first c.
+    seen_fraction = (torch.arange(chunks)[:, None] > torch.arange(chunks - 1)).float().mean().item()
+    elementwise = 6 * vector_params(model) + 3 * model.cfg.n_layers * (4 + 12) * model.cfg.d_model
+    counted = weights + seen_fraction * summary_scores + elementwise
+    assert model.flops_per_token(seq_len) == pytest.approx(counted, rel=1e-9)
 
 
 @pytest.mark.parametrize("chunk_size", [4, 16, 64])

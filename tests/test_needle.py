@@ -17,9 +17,10 @@ import torch
 from omegaconf import OmegaConf
 
 from lsys.data import DataError, build_loaders
+from lsys.data.needle_prompts import EXTRA_NEW_TOKENS, VARIANTS, build_prompt
 from lsys.data.tokenizer import ByteTokenizer, HFTokenizer
 from lsys.eval import EvalError, NeedleGrid, evaluate_needle
-from lsys.eval.needle import EXTRA_NEW_TOKENS, VARIANTS, build_prompt, sample_rng, value_token_mask
+from lsys.eval.needle import sample_rng, value_token_mask
 from lsys.models import ModelConfig, build_model
 from tests.conftest import REPO, TINY, run_train
 
@@ -297,11 +298,9 @@ def test_sequence_parallel_and_data_parallel_evals_score_like_one_process(corpus
 
 
 @pytest.mark.slow
-def test_launch_eval_needle_writes_the_report_of_a_trained_run(corpus: Path, tmp_path: Path):
+def test_launch_eval_needle_writes_the_report_of_a_trained_run(trained_run: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
-    overrides = ["data=files", f"data.path={corpus}", *TINY, "trainer.max_steps=2", f"run_dir={run_dir}"]
-    trained = run_train(overrides, tmp_path)
-    assert trained.returncode == 0, trained.stderr
+    shutil.copytree(trained_run, run_dir)  # a copy of its own: the test damages a checkpoint below
     result = run_eval(
         [f"ckpt={run_dir}", "eval.lengths=[128,256]", "eval.depths=[0,50,100]", "eval.samples=2", "eval.seed=3"],
         tmp_path,

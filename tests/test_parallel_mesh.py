@@ -7,7 +7,7 @@ import torch.distributed as dist
 from parallel import SequenceLayout, World, comm_stats, init_mesh, reset_comm_stats
 from parallel.comm import all_gather, all_to_all
 from parallel.mesh import mesh_problems
-from parallel.local_ranks import run_local_ranks
+from tests.local_ranks import run_local_ranks
 
 
 @pytest.mark.parametrize("kind, world", [("contiguous", 1), ("contiguous", 3), ("zigzag", 2), ("zigzag", 4)])

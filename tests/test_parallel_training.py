@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from lsys.config import activation_plan, check_config, model_config
+from lsys.hydra_app import compose_config as compose_app_config
 from lsys.models import build_model
 from lsys.train.engine import DDPEngine
 from lsys.train.guard import DivergenceGuard
 from parallel import World, init_mesh
 from parallel.mesh import mesh_problems, shutdown
 from tests.conftest import CONF_DIR, REPO, TINY, read_metrics, run_train
-from parallel.local_ranks import run_local_ranks
+from tests.local_ranks import run_local_ranks
 
 MODELS = ["attn_tiny", "rat_tiny", "rat_swa_tiny", "s2_tiny", "lightning_tiny"]
 SEQ_LEN, MICRO_BATCH, STEPS = 64, 2, 5
@@ -28,8 +28,7 @@ def compose_config(model: str, parallel: list[str]):
                  f"data.seq_len={SEQ_LEN}", "optim.warmup_fraction=0", *parallel]
     if model == "rat_swa_tiny":
         overrides.append("model.mixer_options.local.window=24")  # a window shorter than a rank's piece
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose_app_config(CONF_DIR, "config", overrides)
 
 
 # What the windows hold: "plain" text, or "answers": packed documents kept apart (segment ids) whose targets
@@ -143,26 +142,26 @@ def test_torchrun_trains_dp2_by_sp2(corpus: Path, tmp_path: Path):
 
 @pytest.mark.slow
 def test_resume_is_exact_with_sequence_parallelism(corpus: Path, tmp_path: Path):
-    """6 steps straight equal 3 steps + stop + resume=auto to 6, bitwise, with sp=2 (2 ranks, one dp replica)."""
+    """A session resumed from step 3 of a 6-step sp=2 run (2 ranks, one dp replica) retraces steps 4 to 6 bitwise."""
     common = [*files_data(corpus), *TINY, "model=rat_tiny", "parallel.sp=2", "trainer.max_steps=6",
               "trainer.checkpoint_every=3", "trainer.eval_every=3"]
-    straight = run_train([*common, f"run_dir={tmp_path / 'straight'}"], cwd=tmp_path, nproc=2)
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    straight = run_train([*common, f"run_dir={straight_dir}"], cwd=tmp_path, nproc=2)
     assert straight.returncode == 0, straight.stderr
-    split_dir = tmp_path / "split"
-    for extra in (["trainer.stop_after_steps=3"], []):
-        result = run_train([*common, f"run_dir={split_dir}", *extra], cwd=tmp_path, nproc=2)
-        assert result.returncode == 0, result.stderr
-    expected, resumed = read_metrics(tmp_path / "straight"), read_metrics(split_dir)
-    assert [r["step"] for r in resumed] == list(range(1, 7))
+    resumed = run_train([*common, f"run_dir={resumed_dir}", f"resume={straight_dir / 'step-00000003'}"],
+                        cwd=tmp_path, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = read_metrics(straight_dir), read_metrics(resumed_dir)
+    assert [r["step"] for r in got] == [4, 5, 6]
     for key in ("loss", "val_loss", "grad_norm"):
-        assert [r.get(key) for r in resumed] == [r.get(key) for r in expected], key
+        assert [r.get(key) for r in got] == [r.get(key) for r in expected[3:]], key
 
 
 SP_BAD_INPUTS = {
     "length not divisible by 2 sp": (2, ["model=attn_tiny", "data.seq_len=66", "parallel.sp=2"],
                                      "data.seq_len (66) must be divisible by 4 (sp=2 x 2 for the zigzag layout)"),
     "length not divisible by chunk x pieces": (2, ["data.seq_len=96", "parallel.sp=2"],
-                                               "must be divisible by chunk_size x 4 = 64"),
+                                               "must be divisible by 16 x 4 = 64: mixer 'rat'"),
     "heads not divisible by the Ulysses degree": (2, ["model=attn_tiny", "model.n_heads=2", "model.d_model=64",
                                                       "parallel.sp=4", "parallel.sp_mode=ulysses", "data.seq_len=64"],
                                                   "model.n_heads (2) is not divisible by the Ulysses degree (4)"),
@@ -176,8 +175,7 @@ def test_sequence_parallel_bad_input_is_one_clear_problem(case: str):
     """The checks launch/train.py runs on every rank before anything is written (that such a problem ends a
     torchrun job in one line with exit code 2: test_run_safety)."""
     world_size, overrides, expected = SP_BAD_INPUTS[case]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_app_config(CONF_DIR, "config", overrides)
     par = cfg.parallel
     problems = check_config(cfg) + mesh_problems(par.sp, par.sp_mode, par.ulysses, world_size)
     assert len([problem for problem in problems if expected in problem]) == 1, problems

@@ -6,30 +6,27 @@ from dataclasses import replace
 
 import pytest
 
+from benchmarks.step_memory import measure_in_fresh_process
 from lsys.config import ConfigError
 from lsys.models import ActivationPlan, ModelConfig, build_model
-from lsys.step_memory import measure_in_fresh_process
 from lsys.train.memory import training_state
 from lsys.train.plan_command import plan_setup
 from lsys.train.planner import Setup, longest_sequence, plan, sequence_unit
-from tests.conftest import REPO
+from tests.conftest import REPO, compose_config
 
 SMALL = ModelConfig(name="rat_small", vocab_size=4096, d_model=64, n_layers=3, n_heads=4, ffn_dim=256, layers=["rat"],
                     mixer_options={"rat": {"chunk_size": 16}})
 
 
 def compose_plan(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="plan", overrides=overrides)
+    return compose_config(overrides, config_name="plan")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("activations", [ActivationPlan(), ActivationPlan("full", loss_chunk=256)],
                          ids=["plain", "recomputed-tiled-loss"])
 def test_planned_step_peak_is_within_15_percent_of_the_measured_one(activations: ActivationPlan):
-    """A fresh process's step peak (lsys/step_memory.py) against the planner's activations plus gradients."""
+    """A fresh process's step peak (benchmarks/step_memory.py) against the planner's activations plus gradients."""
     measured = measure_in_fresh_process(SMALL, activations, seq_len=2048, micro_batch=2)["step_peak"]
     result = plan(Setup(model=SMALL, seq_len=2048, micro_batch=2, world_size=1, activations=activations,
                         precision="fp32"))

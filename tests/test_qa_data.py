@@ -9,7 +9,7 @@ import pytest
 
 from lsys.data import ByteTokenizer, DataError, build_loaders, load_examples, qa
 from lsys.data.config import DataConfig
-from lsys.data.sources import ROW_COLUMN, in_validation_split
+from lsys.data.splits import ROW_COLUMN, in_validation_split
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 EOS = ByteTokenizer.eos_id

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import kernels
 from parallel import SequenceLayout, comm_stats, rat_sp, reset_comm_stats
-from parallel.local_ranks import run_local_ranks
+from tests.local_ranks import run_local_ranks
 
 TOL = 1e-9
 BATCH, HEADS, HEAD_DIM = 2, 2, 8

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import kernels
 import parallel.ring as ring
 from parallel import Piece, SequenceLayout, comm_stats, reset_comm_stats, ring_attention, ring_attention_pieces
-from parallel.local_ranks import run_local_ranks
+from tests.local_ranks import run_local_ranks
 
 BATCH, HEADS, DIM = 2, 2, 16
 FLOAT64_TOLERANCE = 1e-9

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lsys.train.checkpoint import PAUSE_IN_SAVE
 from lsys.train.guard import DivergenceError, DivergenceGuard
 from lsys.train.metrics import MetricsLogger
 from lsys.train.resume import compare_configs
@@ -60,17 +61,17 @@ def children_of(parent: int) -> list[int]:
 @pytest.mark.slow
 def test_a_second_job_on_a_run_directory_in_use_fails_at_once_naming_the_holder(corpus: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
-    overrides = [*files_data(corpus), *TINY, "trainer.max_steps=100000", f"run_dir={run_dir}"]
-    first = subprocess.Popen(train_command(overrides), cwd=tmp_path, env=ENV,
+    overrides = [*files_data(corpus), *TINY, "trainer.max_steps=3", "trainer.checkpoint_every=1", f"run_dir={run_dir}"]
+    # The first job holds (idle, in the checkpointer's test seam) in its save of step 1, the lock taken.
+    holding = tmp_path / "first-job-holds"
+    first = subprocess.Popen(train_command(overrides), cwd=tmp_path, env={**ENV, PAUSE_IN_SAVE: f"1:{holding}"},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: (run_dir / "metrics.jsonl").is_file(), 120, "the first job to start training")
-        start = time.monotonic()
-        second = run_train([*overrides, "trainer.max_steps=3"], cwd=tmp_path)
-        elapsed = time.monotonic() - start
+        wait_for(holding.exists, 120, "the first job to reach its first checkpoint")
+        # A job that waited for the lock would still be waiting at the timeout: this one must stop at once.
+        second = run_train(overrides, cwd=tmp_path, timeout=60)
         assert second.returncode == 2, second.stderr
         assert f"run directory {run_dir} is in use by pid {first.pid} on " in second.stderr
-        assert elapsed < 10
         assert first.poll() is None  # the holder goes on
     finally:
         first.kill()
@@ -161,13 +162,11 @@ def test_resume_refuses_changed_settings_unless_they_may_change(corpus: Path, tm
     assert first.returncode == 0, first.stderr
     config = (run_dir / "config.yaml").read_text()
 
-    lr = run_train([*common, "trainer.max_steps=4", "optim.lr=5e-4"], cwd=tmp_path)
-    assert lr.returncode == 2
-    assert "optim.lr: 0.001 -> 0.0005 differs from" in lr.stderr and "resume_overrides=apply" in lr.stderr
-    shape = run_train([*common, "trainer.max_steps=4", "model.d_model=96"], cwd=tmp_path)
-    assert shape.returncode == 2
-    assert "model.d_model: 64 -> 96 would change what" in shape.stderr
-    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]  # the refused sessions trained nothing
+    refused = run_train([*common, "trainer.max_steps=4", "optim.lr=5e-4", "model.d_model=96"], cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "optim.lr: 0.001 -> 0.0005 differs from" in refused.stderr and "resume_overrides=apply" in refused.stderr
+    assert "model.d_model: 64 -> 96 would change what" in refused.stderr
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]  # the refused session trained nothing
 
     applied = run_train([*common, "trainer.max_steps=4", "optim.lr=5e-4", "resume_overrides=apply"], cwd=tmp_path)
     assert applied.returncode == 0, applied.stderr
@@ -281,7 +280,12 @@ def test_a_model_too_large_for_the_machine_is_refused_quickly(tmp_path: Path):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("model=rat_huge", "Could not find 'model/rat_huge'"), ("trainer.nonsense=1", "Could not override 'trainer.nonsense'")],
+    [
+        ("model=rat_huge", "Could not find 'model/rat_huge'"),
+        ("trainer.max_stepz=3", "unknown config key trainer.max_stepz: TrainerConfig has no such setting"),
+        ("+trainer.max_stepz=3", "unknown config key trainer.max_stepz: TrainerConfig has no such setting"),
+        ("+data.pathh=x", "unknown config key data.pathh: DataConfig has no such setting (did you mean data.path?)"),
+    ],
 )
 def test_hydra_composition_errors_are_one_line_and_exit_2(override: str, message: str, tmp_path: Path):
     result = run_train([override], cwd=tmp_path)
@@ -325,7 +329,7 @@ def _hang_worker(rank: int, world_size: int, port: int, out_file: str) -> None:
 def test_a_hanging_rank_ends_the_others_collective_after_parallel_timeout_s(tmp_path: Path):
     import torch.multiprocessing as mp
 
-    from parallel.local_ranks import _free_port
+    from tests.local_ranks import _free_port
 
     out = tmp_path / "out.json"
     mp.start_processes(_hang_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn")

@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lsys.data import ByteTokenizer, DataConfig, DataError, HFTokenizer, build_loaders
 from lsys.data.sft import example_windows
-from lsys.data.sources import ROW_COLUMN, example_key, in_validation_split
+from lsys.data.sources import example_key
+from lsys.data.splits import ROW_COLUMN, in_validation_split
 from tests.conftest import compose_config
 
 EOS = ByteTokenizer.eos_id

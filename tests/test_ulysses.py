@@ -12,7 +12,7 @@ import kernels
 from kernels import S2Pattern
 from parallel import World, comm_stats, hybrid_attention, init_mesh, reset_comm_stats, ulysses_attention
 from parallel.layout import LAYOUTS, SequenceLayout
-from parallel.local_ranks import run_local_ranks
+from tests.local_ranks import run_local_ranks
 
 BATCH, HEADS, HEAD_DIM = 2, 4, 8
 TOLERANCE = 1e-9  # relative error; float64 end to end

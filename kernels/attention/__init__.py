@@ -8,14 +8,17 @@ from kernels.attention.naive import attention_naive, visible_mask
 from kernels.attention.s2 import S2Pattern
 from kernels.backend import BACKENDS, pick_backend
 from kernels.segments import check_segment_ids
+from kernels.self_check import Comparison, compare_with_reference, needs_self_check, random_inputs, self_check
 
-__all__ = ["attention", "S2Pattern", "BACKENDS"]
+__all__ = ["attention", "attention_self_check", "S2Pattern", "BACKENDS"]
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)  # the head dims the Triton kernels are built and tested for
 # Up to this many scores per (batch, head), the torch backend runs windowed and S2 attention as
 # one SDPA call with the pattern as a mask (3x the chunked reference at 256 x 256 on a CPU core,
 # even at 1024 x 1024); beyond it, the mask's memory and the masked-out work outweigh that.
 MASKED_SDPA_MAX_SCORES = 1024 * 1024
+# The self-check's problem: 80 causal tokens of two heads, at 64-row tiles a full tile and a partial one.
+SELF_CHECK_SHAPE = (1, 80, 2)
 
 
 def _check_inputs(
@@ -91,6 +94,8 @@ def attention(
     if segment_ids is not None:
         options.update(segment_ids=segment_ids, k_segment_ids=k_segment_ids)
     if pick_backend("attention", backend, {"q": q, "k": k, "v": v}, head_dims=TRITON_HEAD_DIMS) == "triton":
+        if needs_self_check(q.device):
+            attention_self_check(q.device, q.dtype, q.shape[-1])
         # Imported here: Triton fixes interpreter vs compiled when the kernels are decorated.
         from kernels.attention.triton import attention_triton
 
@@ -98,6 +103,24 @@ def attention(
     else:
         out, lse = _attention_torch(q, k, v, **options, return_lse=return_lse)
     return (out, lse) if return_lse else out
+
+
+def attention_self_check(device: torch.device, dtype: torch.dtype = torch.float32, head_dim: int = 32) -> None:
+    """Check the flash kernels against the torch backend once per process and device type (kernels/self_check.py)."""
+    from kernels.attention import triton as flash_kernels  # lazy, as in attention()
+
+    def comparisons() -> list[Comparison]:
+        # Plain causal attention: the window, S2 and document masks are the same kernels compiled with
+        # other flags. One compiled variant shows a broken compiler or device; the tests cover the rest.
+        options = dict(causal=True, window=None, s2=None, q_start=0, k_start=0, scale=head_dim**-0.5)
+        return compare_with_reference(
+            lambda q, k, v: flash_kernels.attention_triton(q, k, v, **options),
+            lambda q, k, v: _attention_torch(q, k, v, **options, return_lse=True),
+            random_inputs(dict.fromkeys("qkv", (*SELF_CHECK_SHAPE, head_dim)), device, dtype),
+            ("out", "lse"),
+        )
+
+    self_check("attention", device, dtype, comparisons, flash_kernels)
 
 
 def _check_segments(

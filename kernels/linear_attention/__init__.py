@@ -8,16 +8,21 @@ range is checked on every call (a device sync, so it is off by default, as for r
 
 import os
 
+import torch
 from torch import Tensor
 
 from kernels.backend import BACKENDS, pick_backend
 from kernels.linear_attention.chunk import linear_attention_chunk
 from kernels.linear_attention.naive import linear_attention_naive
 from kernels.segments import check_segment_ids
+from kernels.self_check import Comparison, compare_with_reference, needs_self_check, random_inputs, self_check
 
-__all__ = ["linear_attention", "linear_attention_chunk", "linear_attention_naive"]
+__all__ = ["linear_attention", "linear_attention_chunk", "linear_attention_naive", "linear_attention_self_check"]
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)  # Dk and Dv each; they may differ
+# The self-check's problem: 80 tokens (a full and a partial 64-row block) of two heads, one decay each.
+SELF_CHECK_SHAPE = (1, 80, 2)
+SELF_CHECK_DECAY = (0.9, 0.999)
 
 
 def linear_attention(
@@ -46,6 +51,8 @@ def linear_attention(
     if segment_ids is not None:
         check_segment_ids(segment_ids, q.shape[0], q.shape[1], "linear_attention", device=q.device)
     if _pick_backend(backend, q, k, v, decay, initial_state) == "triton":
+        if needs_self_check(q.device):
+            linear_attention_self_check(q.device, q.dtype, k.shape[-1], v.shape[-1])
         from kernels.linear_attention.triton import linear_attention_triton  # Triton reads TRITON_INTERPRET on import
 
         out, state = linear_attention_triton(
@@ -56,6 +63,27 @@ def linear_attention(
             q, k, v, decay=decay, initial_state=initial_state, segment_ids=segment_ids
         )
     return (out, state) if return_state else out
+
+
+def linear_attention_self_check(
+    device: torch.device, dtype: torch.dtype = torch.float32, key_dim: int = 32, value_dim: int = 32
+) -> None:
+    """Check the Triton kernels against the torch backend once per process and device type (kernels/self_check.py)."""
+    from kernels.linear_attention import triton as lightning_kernels  # lazy, as in linear_attention()
+
+    def comparisons() -> list[Comparison]:
+        # No initial state, no documents: those are the same kernels compiled with other flags.
+        decay = torch.tensor(SELF_CHECK_DECAY, device=device)
+        key_shape, value_shape = (*SELF_CHECK_SHAPE, key_dim), (*SELF_CHECK_SHAPE, value_dim)
+        inputs = random_inputs({"q": key_shape, "k": key_shape, "v": value_shape}, device, dtype)
+        return compare_with_reference(
+            lambda q, k, v: lightning_kernels.linear_attention_triton(q, k, v, decay=decay),
+            lambda q, k, v: linear_attention_chunk(q, k, v, decay=decay.double()),
+            inputs,
+            ("out", "state"),
+        )
+
+    self_check("linear_attention", device, dtype, comparisons, lightning_kernels)
 
 
 def _pick_backend(

@@ -8,17 +8,21 @@ With the environment variable LSYS_DEBUG=1 the gate's range is checked on every 
 
 import os
 
+import torch
 from torch import Tensor
 
 from kernels.backend import BACKENDS, pick_backend
 from kernels.rat.chunk import chunk_summaries_chunk, rat_chunk
 from kernels.rat.documents import rat_documents
 from kernels.segments import check_segment_ids
+from kernels.self_check import Comparison, compare_with_reference, needs_self_check, random_inputs, self_check
 
-__all__ = ["rat", "chunk_summaries"]
+__all__ = ["rat", "chunk_summaries", "rat_self_check", "chunk_summaries_self_check"]
 
 TRITON_HEAD_DIMS = (32, 64, 128)  # rotate-half RoPE splits D in two, and tl.dot needs halves of >= 16
 TRITON_CHUNK_SIZES = (8, 16, 32, 64)  # query tiles of 64 or 128 tokens hold whole chunks
+# The self-checks' problem: two heads of 4 chunks and 3 tokens of a fifth (two 64-row query tiles at L = 16).
+SELF_CHECK_HEADS, SELF_CHECK_CHUNKS, SELF_CHECK_TAIL = 2, 4, 3
 
 
 def rat(
@@ -89,6 +93,8 @@ def rat(
         initial_k, initial_v = (None, None) if initial_state is None else initial_state
         tensors = {"q": q, "k": k, "v": v, "g": g, "initial_k": initial_k, "initial_v": initial_v}
         if _pick("rat", backend, tensors, chunk_size) == "triton":
+            if needs_self_check(q.device):
+                rat_self_check(q.device, q.dtype, q.shape[-1], chunk_size)
             from kernels.rat.triton import rat_documents_triton  # lazy, as below
 
             out, lse, summary_k, summary_v = rat_documents_triton(q, k, v, g, **documents)
@@ -103,6 +109,8 @@ def rat(
     options = dict(chunk_size=chunk_size, rope_base=rope_base, prefix_k=prefix_k, prefix_v=prefix_v,
                    chunk_start=chunk_start)
     if _pick("rat", backend, tensors, chunk_size) == "triton":
+        if needs_self_check(q.device):
+            rat_self_check(q.device, q.dtype, q.shape[-1], chunk_size)
         from kernels.rat.triton import rat_triton  # lazy: Triton picks interpreter or compiler at import
 
         out, lse, summary_k, summary_v = rat_triton(q, k, v, g, **options)
@@ -133,10 +141,60 @@ def chunk_summaries(
             f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(g.shape)}"
         )
     if _pick("chunk_summaries", backend, {"k": k, "v": v, "g": g}, chunk_size) == "triton":
+        if needs_self_check(k.device):
+            chunk_summaries_self_check(k.device, k.dtype, k.shape[-1], chunk_size)
         from kernels.rat.triton import chunk_summaries_triton  # lazy, as in rat()
 
         return chunk_summaries_triton(k, v, g, chunk_size=chunk_size, rope_base=rope_base, chunk_start=chunk_start)
     return chunk_summaries_chunk(k, v, g, chunk_size=chunk_size, rope_base=rope_base, chunk_start=chunk_start)
+
+
+def rat_self_check(
+    device: torch.device, dtype: torch.dtype = torch.float32, head_dim: int = 32, chunk_size: int = 16
+) -> None:
+    """Check the fused kernels of `rat` against rat_chunk once per process and device type (kernels/self_check.py)."""
+    from kernels.rat import triton as rat_kernels  # lazy, as in rat()
+
+    def comparisons() -> list[Comparison]:
+        # No prefix, no documents: those are the same kernels compiled with other flags. The gate is
+        # fp32, as the model computes it.
+        options = dict(chunk_size=chunk_size, rope_base=10000.0)
+        return compare_with_reference(
+            lambda q, k, v, g: rat_kernels.rat_triton(q, k, v, g, **options),
+            lambda q, k, v, g: rat_chunk(q, k, v, g, **options),
+            _self_check_inputs("qkv", device, dtype, head_dim, chunk_size),
+            ("out", "lse", "summary_k", "summary_v"),
+        )
+
+    self_check("rat", device, dtype, comparisons, rat_kernels)
+
+
+def chunk_summaries_self_check(
+    device: torch.device, dtype: torch.dtype = torch.float32, head_dim: int = 32, chunk_size: int = 16
+) -> None:
+    """Check the Triton `chunk_summaries` against the torch one once per process and device type."""
+    from kernels.rat import triton as rat_kernels  # lazy, as in rat()
+
+    def comparisons() -> list[Comparison]:
+        options = dict(chunk_size=chunk_size, rope_base=10000.0)
+        return compare_with_reference(
+            lambda k, v, g: rat_kernels.chunk_summaries_triton(k, v, g, **options),
+            lambda k, v, g: chunk_summaries_chunk(k, v, g, **options),
+            _self_check_inputs("kv", device, dtype, head_dim, chunk_size),
+            ("summary_k", "summary_v"),
+        )
+
+    self_check("chunk_summaries", device, dtype, comparisons, rat_kernels)
+
+
+def _self_check_inputs(
+    names: str, device: torch.device, dtype: torch.dtype, head_dim: int, chunk_size: int
+) -> dict[str, Tensor]:
+    """The self-checks' tensors `names` in `dtype` and the forget gate g, fp32 in [0.05, 0.95]."""
+    shape = (1, SELF_CHECK_CHUNKS * chunk_size + SELF_CHECK_TAIL, SELF_CHECK_HEADS, head_dim)
+    inputs = random_inputs(dict.fromkeys(names + "g", shape), device, torch.float32)
+    inputs["g"] = torch.sigmoid(inputs["g"]).clamp(0.05, 0.95)
+    return {name: x if name == "g" else x.to(dtype) for name, x in inputs.items()}
 
 
 def _check_piece(q: Tensor, document_offset: Tensor | None, initial_state: tuple[Tensor, Tensor] | None) -> None:

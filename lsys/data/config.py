@@ -1,32 +1,11 @@
-"""The data settings that `build_loaders` reads, with their defaults.
+"""The data settings that `build_loaders` reads: their types and defaults (Hydra's schema for the `data` group).
 
-A sample `conf/data/*.yaml` (every field below; names are exact)::
-
-    name: stdlib            # label used in logs and errors
-    source: stdlib          # stdlib | files | hub | passkey (generated: lsys/data/passkey.py) | stdlib_qa (SFT, lsys/data/qa.py)
-    path: null              # files: a file, directory, glob or a list of them; hub: the data set id
-    val_path: null          # files: explicit validation files (same forms as path) instead of a hash split
-    text_field: text        # column that holds the text (jsonl, json, parquet, hub)
-    hub_config: null        # hub: the data set's configuration (subset) name
-    split: train            # hub: the training split
-    val_split: null         # hub: the validation split; null turns validation off (SFT formats: the hash split)
-    val_fraction: 0.05      # stdlib/files (and SFT hub): share of documents held out for validation (0: off)
-    shuffle_buffer: 10000   # hub: documents in the streaming shuffle buffer (0 turns shuffling off)
-    num_proc: 1             # processes for loading and tokenizing map-style data
-    num_documents: 20000    # passkey: documents generated for training (validation: val_fraction of that)
-    doc_isolation: false    # true: every batch is (inputs, targets, segment_ids), each document seen alone
-    rope_restart: null      # positions restart at each document start; null: the same as doc_isolation
-    format: text            # text: pretraining documents; SFT examples (lsys/data/sft.py): messages | prompt_response
-    messages_field: messages  # messages: the column of chat turns, each {role, content}, roles system/user/assistant
-    prompt_field: prompt      # prompt_response: the prompt column (the user turn)
-    response_field: response  # prompt_response: the response column (the assistant turn)
-    packing: true           # SFT: whole examples packed into windows (needs doc_isolation); false: one per window
-    truncation: error       # SFT: an example longer than a window: error | left (drop its oldest tokens) | skip
-    chat_template: null     # SFT: a Jinja chat-template file; null: the HF tokenizer's own, else the plain one
+conf/data/*.yaml hold only what differs from these. Bad values of single settings are refused when a
+DataConfig is built (`__post_init__`), before any data are read.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from lsys.data.errors import DataError
@@ -35,31 +14,44 @@ FORMATS = ("text", "messages", "prompt_response")
 TRUNCATIONS = ("error", "left", "skip")
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the text comes from and how it is split; see the module docstring for each field."""
+@dataclass
+class TokenizerConfig:
+    """The tokenizer (lsys.data.tokenizer.build_tokenizer): bytes, or a `tokenizers` JSON file and its EOS token."""
 
-    name: str = "stdlib"
+    kind: str = "byte"  # byte | hf
+    path: str | None = None  # hf: a tokenizers JSON file
+    eos_token: str | None = None  # hf: the token that ends a document
+
+
+@dataclass  # not frozen: Hydra merges the YAML of the `data` group into an instance of it
+class DataConfig:
+    """Where the text comes from, how it is split into training and validation, and how it is laid out."""
+
+    name: str = "stdlib"  # label used in logs and errors
+    # stdlib | files | hub | passkey (generated: lsys/data/passkey.py) | stdlib_qa (SFT, lsys/data/qa.py)
     source: str = "stdlib"
-    path: str | list[str] | None = None
-    val_path: str | list[str] | None = None
-    text_field: str = "text"
-    hub_config: str | None = None
-    split: str = "train"
-    val_split: str | None = None
-    val_fraction: float = 0.05
-    shuffle_buffer: int = 10000
-    num_proc: int = 1
-    num_documents: int = 20000
-    doc_isolation: bool = False
-    rope_restart: bool | None = None
-    format: str = "text"
-    messages_field: str = "messages"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    packing: bool = True
-    truncation: str = "error"
-    chat_template: str | None = None
+    # files: a file, directory, glob or a list of them; hub: the data set id. Typed Any: a string or a list.
+    path: Any = None
+    val_path: Any = None  # files: explicit validation files (same forms as path) instead of a hash split
+    text_field: str = "text"  # column that holds the text (jsonl, json, parquet, hub)
+    hub_config: str | None = None  # hub: the data set's configuration (subset) name
+    split: str = "train"  # hub: the training split
+    val_split: str | None = None  # hub: the validation split; null turns validation off (SFT formats: hash split)
+    val_fraction: float = 0.05  # stdlib/files (and SFT hub): share of documents held out for validation (0: off)
+    shuffle_buffer: int = 10000  # hub: documents in the streaming shuffle buffer (0 turns shuffling off)
+    num_proc: int = 1  # processes for loading and tokenizing map-style data
+    num_documents: int = 20000  # passkey, stdlib_qa: documents generated for training (validation: val_fraction)
+    doc_isolation: bool = False  # true: every batch is (inputs, targets, segment_ids), each document seen alone
+    rope_restart: bool | None = None  # positions restart at each document start; null: the same as doc_isolation
+    format: str = "text"  # text: pretraining documents; SFT examples (lsys/data/sft.py): messages | prompt_response
+    messages_field: str = "messages"  # messages: the column of chat turns {role, content}, system/user/assistant
+    prompt_field: str = "prompt"  # prompt_response: the prompt column (the user turn)
+    response_field: str = "response"  # prompt_response: the response column (the assistant turn)
+    packing: bool = True  # SFT: whole examples packed into windows (needs doc_isolation); false: one per window
+    truncation: str = "error"  # SFT: an example longer than a window: error | left (drop its oldest tokens) | skip
+    chat_template: str | None = None  # SFT: a Jinja chat-template file; null: the HF tokenizer's own, else plain
+    seq_len: int = 256  # tokens per training window
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     def __post_init__(self):
         # A string such as "false" would be truthy: only real booleans switch isolation.
@@ -114,4 +106,6 @@ class DataConfig:
             # OmegaConf hands lists over as ListConfig; keep plain str/list so the config hashes and prints simply.
             if values.get(key) is not None and not isinstance(values[key], str):
                 values[key] = [str(p) for p in values[key]]
+        if isinstance(values.get("tokenizer"), Mapping):
+            values["tokenizer"] = TokenizerConfig(**values["tokenizer"])
         return cls(**values)

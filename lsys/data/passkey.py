@@ -1,6 +1,6 @@
 """Generated passkey documents: filler text with a pass key hidden at a random depth, its question and answer.
 
-A document is a prompt of the needle eval (`lsys.eval.needle`, variant passkey, filler
+A document is a needle prompt (`lsys.data.needle_prompts`, variant passkey, filler
 haystack) of a random length between seq_len / 2 (or the needle and question plus
 MIN_HAYSTACK, if longer) and seq_len, with the needle at a random
 depth (at the very start in an eighth of them), followed by its answer and,
@@ -16,6 +16,7 @@ import random
 import datasets
 
 from lsys.data.errors import DataError
+from lsys.data.needle_prompts import EXTRA_NEW_TOKENS, FILLER, EvalError, NeedlePrompt, build_prompt
 from lsys.data.tokenizer import Tokenizer
 
 MIN_HAYSTACK = 16  # filler tokens the shortest document keeps around its needle
@@ -23,9 +24,6 @@ MIN_HAYSTACK = 16  # filler tokens the shortest document keeps around its needle
 
 def passkey_documents(*, count: int, seq_len: int, tokenizer: Tokenizer, seed: str) -> datasets.Dataset:
     """`count` documents of seq_len tokens (with EOS) in a `text` column, the same for the same arguments."""
-    # Imported here: lsys.eval.needle imports lsys.data, so a module-level import would be circular.
-    from lsys.eval.needle import EXTRA_NEW_TOKENS, FILLER, EvalError, NeedlePrompt, build_prompt
-
     def prompt_of(length: int, depth: float, rng: random.Random) -> NeedlePrompt:
         """A prompt whose tokens, answer and EOS take `length` tokens."""
         try:

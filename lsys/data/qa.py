@@ -1,7 +1,7 @@
 """Generated long-document question answering: a constant of a standard-library file, asked after a long piece of it.
 
 A fact is a module-level line `NAME = VALUE` of one of the running Python's standard-library `.py`
-files (`sources.stdlib_files`): at column 0, one name assigned, VALUE an int, float or str literal
+files (`lsys.data.stdlib.stdlib_files`): at column 0, one name assigned, VALUE an int, float or str literal
 of at most MAX_VALUE_CHARS characters on that one line, and NAME written nowhere else in the file
 (as a whole word), so a context cut from the file states it once and nothing else in it mentions
 it. `ast` decides what is a module-level assignment (a file that does not parse is skipped); a
@@ -23,7 +23,7 @@ context, is skipped. A draw whose context shows the answer's text anywhere else 
 as `0` recur often) is drawn again, fact and depth both, so the answer is stated exactly once.
 
 Split by file, so held-out questions come from files never trained on: a fact is validation when
-`sources.in_validation_split` holds for its file's path relative to the standard-library root.
+`lsys.data.splits.in_validation_split` holds for its file's path relative to the standard-library root.
 Draws are seeded by a string, so the examples are the same on every machine with the same Python.
 """
 
@@ -44,7 +44,8 @@ import numpy as np
 
 from lsys.data.chat import PlainTemplate
 from lsys.data.errors import DataError
-from lsys.data.sources import ROW_COLUMN, MapSplits, in_validation_split, stdlib_files
+from lsys.data.splits import ROW_COLUMN, MapSplits, in_validation_split
+from lsys.data.stdlib import stdlib_files
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import torch
 from lsys.data.chat import ROLES, ChatTemplate, Piece
 from lsys.data.errors import DataError
 from lsys.data.packing import Batch
-from lsys.data.sources import ROW_COLUMN
+from lsys.data.splits import ROW_COLUMN
 from lsys.data.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)

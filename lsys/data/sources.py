@@ -32,10 +32,8 @@ a long piece of it, each filling a window of seq_len byte tokens (`lsys/data/qa.
 
 import codecs
 import glob
-import hashlib
 import json
 import logging
-import sysconfig
 from pathlib import Path
 
 import datasets
@@ -45,6 +43,9 @@ import pyarrow.parquet as pq
 from lsys.data.config import DataConfig
 from lsys.data.errors import DataError
 from lsys.data.passkey import passkey_documents
+from lsys.data.qa import stdlib_qa_examples
+from lsys.data.splits import ROW_COLUMN, MapSplits, StreamSplits, in_validation_split
+from lsys.data.stdlib import stdlib_files
 from lsys.data.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -59,14 +60,7 @@ BUILDER_BY_EXTENSION = {
     ".parquet": "parquet",
 }
 _GLOB_CHARS = "*?["
-_HASH_RANGE = 2**64
 RECORD_BUILDERS = ("json", "parquet")  # the builders whose rows are records: what SFT examples are read from
-ROW_COLUMN = "_row"  # SFT records: the row each was read from, for error messages
-
-
-# (train, validation) documents; validation is None when it is turned off.
-MapSplits = tuple[datasets.Dataset, datasets.Dataset | None]
-StreamSplits = tuple[datasets.IterableDataset, datasets.IterableDataset | None]
 
 
 def load_source(cfg: DataConfig, *, seq_len: int, tokenizer: Tokenizer) -> MapSplits | StreamSplits:
@@ -110,10 +104,6 @@ def load_examples(cfg: DataConfig, *, seq_len: int) -> MapSplits:
     if cfg.source == "stdlib_qa":
         if cfg.format != "messages":
             raise DataError(f"data.source 'stdlib_qa' generates chats: set data.format=messages, not '{cfg.format}'")
-        # Imported here: lsys.data.qa reads the standard library through this module, so a module-level
-        # import would be circular.
-        from lsys.data.qa import stdlib_qa_examples
-
         return stdlib_qa_examples(
             num_documents=cfg.num_documents, val_fraction=cfg.val_fraction, seq_len=seq_len, name=cfg.name,
             column=cfg.messages_field,
@@ -138,13 +128,6 @@ def load_examples(cfg: DataConfig, *, seq_len: int) -> MapSplits:
             f"data.format '{cfg.format}' reads examples from source 'files', 'hub' or 'stdlib_qa', not '{cfg.source}'"
         )
     return split_examples(train, fields=list(fields.values()), val_fraction=cfg.val_fraction, name=cfg.name)
-
-
-def stdlib_files() -> list[Path]:
-    """The standard library's `.py` files, sorted, without site-packages/dist-packages."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    excluded = {"site-packages", "dist-packages"}
-    return sorted(p for p in root.rglob("*.py") if excluded.isdisjoint(p.relative_to(root).parts) and p.is_file())
 
 
 def load_stdlib(*, val_fraction: float, num_proc: int = 1) -> MapSplits:
@@ -314,12 +297,6 @@ def split_examples(records: datasets.Dataset, *, fields: list[str], val_fraction
     train = records.filter(_example_in_split, fn_kwargs={**split, "validation": False}, **split_kwargs)
     val = records.filter(_example_in_split, fn_kwargs={**split, "validation": True}, **split_kwargs)
     return _checked_split(train, val, val_fraction=val_fraction, name=name, unit="examples")
-
-
-def in_validation_split(text: str, val_fraction: float) -> bool:
-    """Whether a document is held out: the hash of its text, read as a number in [0, 1), is below val_fraction."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < val_fraction * _HASH_RANGE
 
 
 def example_key(values: dict[str, object]) -> str:

@@ -28,6 +28,16 @@ from lsys.models import LM
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
+@dataclass
+class SftEvalSettings:
+    """What launch/eval_sft.py scores (Hydra's schema for conf/eval/sft.yaml)."""
+
+    loss_examples: int | None = 512  # the answer loss over this many held-out examples; null: all of them
+    samples: int = 64  # the first N held-out examples are answered greedily (0: the loss only)
+    max_new_tokens: int = 32  # an answer stops at EOS or after this many tokens
+    batch_size: int = 8  # prompts generated together
+
+
 @dataclass(frozen=True)
 class AnswerResult:
     index: int  # the example's place among those answered (in the held-out split's order)

@@ -29,12 +29,18 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.rope_base = cfg.n_heads, cfg.head_dim, cfg.rope_base
         self.scale = cfg.head_dim**-0.5
+        self.kernel_backend = cfg.kernel_backend
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     @classmethod
     def check(cls, cfg: ModelConfig, seq_len: int) -> list[str]:
         return []
+
+    @classmethod
+    def sequence_multiple(cls, cfg: ModelConfig, **options) -> int:
+        """What each rank's piece of a split sequence must hold a multiple of: 1, as ring and Ulysses split anywhere."""
+        return 1
 
     @classmethod
     def attention_flops_per_token(cls, cfg: ModelConfig, seq_len: int) -> float:
@@ -59,7 +65,7 @@ class Attention(nn.Module):
         positions = parallel.local_positions(seq_len, x.device, documents)
         cos, sin = rope_angles(positions, self.head_dim, self.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = parallel.attention(q, k, v, documents=documents, **self.mask_options())
+        y = parallel.attention(q, k, v, documents=documents, backend=self.kernel_backend, **self.mask_options())
         return self.out(y.reshape(batch, seq_len, -1)), k, v
 
     # Decoding: prefill writes a prompt's keys, decode adds one token per row.

@@ -1,4 +1,4 @@
-"""The model's shape, as one dataclass that Hydra's `model` group fills in."""
+"""The model's shape, as one dataclass: Hydra's schema for the `model` group (conf/model/ holds what differs)."""
 
 from dataclasses import dataclass, field
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 @dataclass
 class ModelConfig:
     name: str = "rat_tiny"
-    vocab_size: int = 320
+    vocab_size: int = 320  # the byte tokenizer's 257, padded to a multiple of 64
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
@@ -19,6 +19,9 @@ class ModelConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # Which implementation every op of the model runs (kernels/backend.py): "auto" (Triton on CUDA tensors
+    # the kernels take, torch elsewhere), "torch" (never a Triton kernel) or "triton" (raise where it cannot).
+    kernel_backend: str = "auto"
 
     @property
     def head_dim(self) -> int:

@@ -39,7 +39,7 @@ class LinearStateCache(Cache):
 class Lightning(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.n_heads, self.head_dim, self.kernel_backend = cfg.n_heads, cfg.head_dim, cfg.kernel_backend
         self.in_proj = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)  # q, k, v, gate
         self.norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -52,6 +52,11 @@ class Lightning(nn.Module):
     @classmethod
     def check(cls, cfg: ModelConfig, seq_len: int) -> list[str]:
         return []
+
+    @classmethod
+    def sequence_multiple(cls, cfg: ModelConfig, **options) -> int:
+        """What each rank's piece of a split sequence must hold a multiple of: 1, as LASP passes on a state."""
+        return 1
 
     @classmethod
     def attention_flops_per_token(cls, cfg: ModelConfig, seq_len: int) -> float:
@@ -68,7 +73,8 @@ class Lightning(nn.Module):
 
     def forward(self, x: Tensor, documents: Documents | None = None) -> Tensor:
         q, k, v, gate = self.project(x)
-        return self._output(parallel.linear_attention(q, k, v, decay=self.decay, documents=documents), gate)
+        o = parallel.linear_attention(q, k, v, decay=self.decay, documents=documents, backend=self.kernel_backend)
+        return self._output(o, gate)
 
     def init_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LinearStateCache:
         state_dtype = torch.promote_types(dtype, torch.float32)
@@ -80,7 +86,7 @@ class Lightning(nn.Module):
 
     def prefill(self, x: Tensor, cache: LinearStateCache) -> Tensor:
         q, k, v, gate = self.project(x)
-        o, state = kernels.linear_attention(q, k, v, decay=self.decay, return_state=True)
+        o, state = kernels.linear_attention(q, k, v, decay=self.decay, return_state=True, backend=self.kernel_backend)
         cache.state[:] = state
         cache.lengths += x.shape[1]
         return self._output(o, gate)

@@ -41,6 +41,7 @@ class RAT(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.rope_base = cfg.n_heads, cfg.head_dim, cfg.rope_base
         self.chunk_size, self.qk_groups = chunk_size, qk_groups
+        self.kernel_backend = cfg.kernel_backend
         self.scale = cfg.head_dim**-0.5
         d, group_width = cfg.d_model, qk_groups * cfg.head_dim
         self.split_sizes = [d, d, d, group_width, group_width]  # z, v, g, q, k
@@ -71,9 +72,15 @@ class RAT(nn.Module):
         return problems
 
     @classmethod
+    def sequence_multiple(cls, cfg: ModelConfig, chunk_size: int = 16, qk_groups: int = 2) -> int:
+        """What each rank's piece of a split sequence must hold a multiple of: whole chunks, for RAT-SP."""
+        return chunk_size
+
+    @classmethod
     def attention_flops_per_token(cls, cfg: ModelConfig, seq_len: int, chunk_size: int = 16, qk_groups: int = 2) -> float:
-        # Scan: ~6 FLOPs per channel for k~ and v~; attention over (T/L + 1)/2 summaries on average plus its own state.
-        visible = (seq_len / chunk_size + 1) / 2 + 1
+        # Scan: ~6 FLOPs per channel for k~ and v~. Attention: a token of chunk c sees the c summaries before its
+        # chunk and its own state, (T/L - 1)/2 + 1 = (T/L + 1)/2 on average.
+        visible = (seq_len / chunk_size + 1) / 2
         return 12 * cfg.d_model + 4 * cfg.d_model * visible
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -92,7 +99,10 @@ class RAT(nn.Module):
 
     def forward(self, x: Tensor, documents: Documents | None = None) -> Tensor:
         z, q, k, v, forget = self.project(x)
-        y = parallel.rat(q, k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base, documents=documents)
+        y = parallel.rat(
+            q, k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base, documents=documents,
+            backend=self.kernel_backend,
+        )
         return self.out(torch.sigmoid(z) * y.flatten(2))
 
     def init_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> RATCache:
@@ -114,7 +124,8 @@ class RAT(nn.Module):
         """Like forward for prompts starting at position 0, keeping the summaries and the running state."""
         z, q, k, v, forget = self.project(x)
         y, summary_k, summary_v = kernels.rat(
-            q, k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base, return_summaries=True
+            q, k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base, return_summaries=True,
+            backend=self.kernel_backend,
         )
         cache.summary_keys[:, : summary_k.shape[1]] = summary_k
         cache.summary_values[:, : summary_v.shape[1]] = summary_v

@@ -14,6 +14,10 @@ renames the folder into place. So a process killed mid-save leaves the previous 
 untouched and a `.tmp` folder that `latest()` ignores, and nothing counts as saved until every
 rank has written. A load checks the manifest (the ranks share the hashing again) before the
 caller applies anything; the engine checks its own files against the model.
+
+For tests only: with LSYS_TEST_PAUSE_IN_SAVE=<step>:<path> in the environment, the save of that
+step stops once every file is written and before its manifest, creates `path` and waits while
+`path` exists, so a test can kill the process at a known point of a save (tests/test_train.py).
 """
 
 import hashlib
@@ -23,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "COMPLETE"
 ZERO_DIR = "zero"  # the sub-folder the deepspeed engine's shards go to (its DeepSpeed checkpoint tag)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+PAUSE_IN_SAVE = "LSYS_TEST_PAUSE_IN_SAVE"  # the test seam described above
 
 
 class CheckpointError(RuntimeError):
@@ -98,6 +104,19 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
+def _pause_if_a_test_asks(step: int) -> None:
+    """Hold the save of `step` while the file LSYS_TEST_PAUSE_IN_SAVE names exists (for tests; see the module doc)."""
+    setting = os.environ.get(PAUSE_IN_SAVE)
+    if setting is None:
+        return
+    pause_step, marker = setting.split(":", 1)
+    if int(pause_step) != step:
+        return
+    Path(marker).touch()
+    while Path(marker).exists():
+        time.sleep(0.01)
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Finished checkpoint folders in `run_dir` (those with a manifest), oldest first."""
     run_dir = Path(run_dir)
@@ -141,6 +160,7 @@ class Checkpointer:
             if config is not None:
                 OmegaConf.save(OmegaConf.create(config), tmp / "config.yaml")
         barrier()
+        _pause_if_a_test_asks(step)
         files = self._hash_shared(tmp)
         if self.world.is_main:
             (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))

@@ -20,14 +20,17 @@ FREE = (
     "trainer.keep_checkpoints", "trainer.progress_bar", "trainer.tensorboard", "trainer.spike_factor",
     "trainer.spike_window", "trainer.max_grad_norm_abort", "trainer.max_weight_growth", "trainer.skip_memory_check",
     "trainer.activation_checkpointing", "trainer.ac_every", "trainer.loss_chunk", "trainer.mlp_chunk",
-    "trainer.offload_activations",
+    "trainer.offload_activations", "trainer.peak_tflops",
+    # The same math by another implementation (a GPU whose Triton kernels fail their self-check goes on in torch).
+    "model.kernel_backend",
 )
 OPTIMIZER = ("optim",)
 # Settings added since earlier checkpoints were saved, with the value that trains as lsys did before them.
 ADDED = {
     "data.doc_isolation": False, "data.rope_restart": None, "init_from": None, "data.format": "text",
     "data.messages_field": "messages", "data.prompt_field": "prompt", "data.response_field": "response",
-    "data.packing": True, "data.truncation": "error", "data.chat_template": None,
+    "data.packing": True, "data.truncation": "error", "data.chat_template": None, "data.num_documents": 20000,
+    "trainer.peak_tflops": None, "model.kernel_backend": "auto",
 }
 RESUME_OVERRIDES = ("refuse", "apply")
 

@@ -32,7 +32,7 @@ from lsys.train.engine import build_engine, uses_bf16
 from lsys.train.export import consolidated_weights
 from lsys.train.guard import DivergenceError, DivergenceGuard
 from lsys.train.memory import memory_problem
-from lsys.train.metrics import MetricsLogger, Throughput, device_peak_flops, peak_memory_bytes
+from lsys.train.metrics import MetricsLogger, Throughput, device_name, device_peak_flops, mfu, peak_memory_bytes
 from lsys.train.optim import apply_optimizer_settings
 from lsys.train.resume import compare_configs
 from lsys.train.run_lock import RunLock, RunLockedError, end_with_launcher
@@ -113,7 +113,7 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         # Every dp replica reads micro_batch_size x grad_accum windows a step; its sp ranks share them.
         self.tokens_per_step = cfg.data.seq_len * cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * mesh.dp
-        self.peak_flops = device_peak_flops(world.device)
+        self.peak_flops = device_peak_flops(world.device, cfg.trainer.peak_tflops)
         self.needle_grid = self._needle_grid(model_cfg.max_seq_len)
         tc = cfg.trainer
         self.guard = DivergenceGuard(
@@ -124,7 +124,7 @@ class Trainer:
         if weights_only:
             self._continue_from_weights(checkpoint)
         elif checkpoint is not None:
-            self._restore(checkpoint)
+            self.restore(checkpoint)
 
     def _needle_grid(self, max_seq_len: int) -> NeedleGrid | None:
         """The small needle grid of `trainer.eval_needle_every` (None when off), checked before any step."""
@@ -162,6 +162,8 @@ class Trainer:
             f"{self.world.world_size} rank(s) on {self.world.device.type} ({parallelism}), "
             f"{self.tokens_per_step:,} tokens per step, {self.flops_per_token:.3g} FLOPs per token",
         ]
+        if self.peak_flops is None:
+            lines.append(f"MFU: unknown peak for device {device_name(self.world.device)}; set trainer.peak_tflops")
         data = DataConfig.from_attrs(self.cfg.data)
         if data.doc_isolation:
             restart = "from each document's start" if data.restarts_positions else "from the window's start"
@@ -223,10 +225,13 @@ class Trainer:
             )
         return True
 
-    def _restore(self, checkpoint: Checkpoint) -> None:
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from a full checkpoint of this world size; one refused for its config or its weights' shapes
+        (the ddp engine checks them before applying any) leaves the model, optimizer, data and RNG as they were."""
         apply_optimizer = self._check_changes(checkpoint)  # names a changed setting before its effects show below
-        self.train_loader.load_state_dict(checkpoint.rank_state["loader"])
+        # Nothing is applied before the engine has checked its files against the model.
         self.engine.load(checkpoint.path, checkpoint.trainer["scheduler"])
+        self.train_loader.load_state_dict(checkpoint.rank_state["loader"])
         if apply_optimizer:
             apply_optimizer_settings(self.engine.optimizer, self.engine.scheduler, self.cfg.optim)
         set_rng_state(checkpoint.rank_state["rng"])
@@ -333,7 +338,7 @@ class Trainer:
                         "tokens_seen": self.tokens_seen,
                         "tokens_per_s": tokens_per_s,
                         "tokens_per_s_per_device": per_device,
-                        "mfu": per_device * self.flops_per_token / self.peak_flops if self.peak_flops else None,
+                        "mfu": mfu(per_device, self.flops_per_token, self.peak_flops),
                         "peak_memory_gib": peak_memory_bytes(self.world.device) / 2**30,
                     }
                 if self.val_loader is not None and (self.step % tc.eval_every == 0 or self.step == tc.max_steps):

@@ -1,4 +1,7 @@
-"""Benchmarks whose results go to docs/perf.md. Ratios come from runs made side by side in one call."""
+"""The measurements of `launch/bench.py` train, mixers, sp and documents, and the writing of docs/perf.md.
+
+Ratios come from runs made side by side in one call.
+"""
 
 import json
 import os
@@ -13,15 +16,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 
 import kernels
 import parallel
 from lsys.config import model_config
+from lsys.hydra_app import compose_config
 from lsys.models import MIXERS, ModelConfig, build_model
 from parallel import SequenceLayout, comm_stats, reset_comm_stats
-from parallel.local_ranks import run_local_ranks
+from tests.local_ranks import run_local_ranks
 
+# The checkout this file sits in: launch/train.py and conf/ are read from it, never from an installed package.
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -96,8 +100,7 @@ def write_section(path: Path, heading: str, body: str) -> None:
 
 def parameter_count(model: str) -> int:
     """Parameters of conf/model/<model>.yaml, counted on the meta device (nothing allocated)."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"model={model}"])
+    cfg = compose_config(REPO / "conf", "config", [f"model={model}"])
     return build_model(model_config(cfg), device="meta").num_params()
 
 

@@ -1,6 +1,6 @@
-"""The peak memory of one training step on CPU, measured in a process of its own (launch/bench.py memory).
+"""The peak memory of one training step on CPU, measured in a process of its own (launch/bench.py activations).
 
-    python -m lsys.step_memory '{"model": {...}, "activations": {...}, "seq_len": 8192, "micro_batch": 1}'
+    python benchmarks/step_memory.py '{"model": {...}, "activations": {...}, "seq_len": 8192, "micro_batch": 1}'
 
 prints one JSON line: {"step_peak": bytes, "baseline": bytes}. How: build the model, run one
 forward+backward (warm-up: one-time allocations of torch and its thread pools), drop the
@@ -55,8 +55,9 @@ def measure_in_fresh_process(model: ModelConfig, activations: ActivationPlan, *,
                              timeout: float = 1800) -> dict[str, int]:
     """`measure` in a new Python process, so that nothing of an earlier point is resident."""
     spec = {"model": model.__dict__, "activations": activations.__dict__, "seq_len": seq_len, "micro_batch": micro_batch}
+    # Run by path: benchmarks/ belongs to the checkout, not to the installed packages.
     result = subprocess.run(
-        [sys.executable, "-m", "lsys.step_memory", json.dumps(spec)], env={**os.environ, **ENV},
+        [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)], env={**os.environ, **ENV},
         capture_output=True, text=True, timeout=timeout, check=False,
     )
     if result.returncode != 0:
