@@ -113,9 +113,28 @@ class GenerateConfig:
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
 
 
+@dataclass
+class PrepareSettings:
+    """How launch/prepare_data.py tokenizes and writes shards (lsys/data/prepare.py)."""
+
+    workers: int = 2  # tokenizing processes (1: in this process)
+    shard_tokens: int = 2**26  # a shard closes at the first document boundary at or past this many tokens
+    progress_bar: bool = True
+
+
+@dataclass
+class PrepareConfig:
+    """launch/prepare_data.py (conf/prepare_data.yaml)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = MISSING  # the shard set's folder (a killed run's folder: the rerun continues it)
+    prepare: PrepareSettings = field(default_factory=PrepareSettings)
+
+
 SCHEMAS = {
     "train_schema": TrainConfig, "plan_schema": PlanConfig, "eval_needle_schema": EvalNeedleConfig,
     "eval_sft_schema": EvalSftConfig, "export_schema": ExportConfig, "generate_schema": GenerateConfig,
+    "prepare_schema": PrepareConfig,
 }
 
 

@@ -3,6 +3,8 @@
 import json
 import logging
 import re
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -398,9 +400,122 @@ def test_hub_source_streams_a_dataset_directory(jsonl_corpus):
     assert len(first) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
     assert ByteTokenizer().decode(first[0][0][0].tolist()) == "held out held ou"
     assert len(list(val.batches(100))) == 5  # 180 tokens + EOS: 11 windows of 16, 5 batches of 2, then it stops
-    no_val_cfg = DataConfig(source="hub", path=str(jsonl_corpus))
+    no_val_cfg = DataConfig(source="hub", path=str(jsonl_corpus), val_fraction=0.0)
     _, no_val = build_loaders(no_val_cfg, seq_len=16, tokenizer=ByteTokenizer(), **LAYOUT)
     assert no_val is None
+
+
+def pack_by_hand(texts: list[str], *, seq_len: int, micro_batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """The reference batches: the texts' bytes, EOS after each, end to end, cut into windows (+1 target) in order."""
+    stream = [t for text in texts for t in list(text.encode()) + [EOS]]
+    rows = torch.tensor([stream[w * seq_len : w * seq_len + seq_len + 1] for w in range((len(stream) - 1) // seq_len)])
+    starts = range(0, len(rows) - micro_batch_size + 1, micro_batch_size)
+    return [(rows[b : b + micro_batch_size, :-1], rows[b : b + micro_batch_size, 1:]) for b in starts]
+
+
+@pytest.fixture
+def hub_without_validation(tmp_path) -> tuple[Path, list[list[str]]]:
+    """A hub-like directory of two parquet shards of the train split only, and the texts of each shard."""
+    texts = [f"<{i}> " + "held or not " * (i % 4 + 1) for i in range(600)]
+    shards = [texts[:300], texts[300:]]
+    for s, shard in enumerate(shards):
+        (tmp_path / "hub" / "data").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"text": shard}), tmp_path / "hub" / "data" / f"train-0000{s}-of-00002.parquet")
+    return tmp_path / "hub", shards
+
+
+def test_hub_without_val_split_holds_out_a_hash_share(hub_without_validation):
+    path, shards = hub_without_validation
+    documents = shards[0] + shards[1]
+    train, val = load_hub(str(path), hub_config=None, split="train", val_split=None, val_fraction=0.2, name="t")
+    train_texts, val_texts = [row["text"] for row in train], [row["text"] for row in val]
+    assert val_texts == [text for text in documents if in_validation_split(text, 0.2)]  # the map-style rule
+    assert not set(train_texts) & set(val_texts) and sorted(train_texts + val_texts) == sorted(documents)
+    assert abs(len(val_texts) / len(documents) - 0.2) < 0.05
+    _, no_val = load_hub(str(path), hub_config=None, split="train", val_split=None, val_fraction=0.0)
+    assert no_val is None
+    misnamed, _ = load_hub(
+        str(path), hub_config=None, split="train", val_split=None, text_field="body", val_fraction=0.2
+    )
+    with pytest.raises(DataError, match="data.text_field 'body' is not a column of data set 'hub'"):
+        next(iter(misnamed))
+
+
+@pytest.mark.parametrize("dp_size", [1, 2])
+def test_hub_hash_validation_is_fixed_per_dp_layout(hub_without_validation, dp_size):
+    path, shards = hub_without_validation
+    cfg = DataConfig(name="hub-hash", source="hub", path=str(path), val_fraction=0.2, shuffle_buffer=0)
+    # Two shards: with dp 2 each rank streams one whole shard, with dp 1 the one rank both, in order.
+    rank_documents = [shards[0] + shards[1]] if dp_size == 1 else shards
+    for rank in range(dp_size):
+        layout = {**LAYOUT, "dp_rank": rank, "dp_size": dp_size}
+        _, val = build_loaders(cfg, seq_len=16, tokenizer=ByteTokenizer(), **layout)
+        held_out = [text for text in rank_documents[rank] if in_validation_split(text, 0.2)]
+        expected = pack_by_hand(held_out, seq_len=16, micro_batch_size=2)
+        assert_same_batches(list(val.batches(10**6)), expected)  # finite: all the held-out windows, then it stops
+        assert_same_batches(list(val.batches(5)), expected[:5])  # the same first batches on every evaluation
+
+
+def test_background_loader_gives_the_batches_packed_by_hand(jsonl_corpus):
+    loader = streaming_loader(jsonl_corpus)
+    texts = [row["text"] for row in stream_of(jsonl_corpus)]
+    expected = pack_by_hand(texts * 3, seq_len=16, micro_batch_size=2)[:60]  # into the third epoch
+    assert_same_batches([next(loader) for _ in range(60)], expected)
+    loader.close()
+
+
+def test_streaming_resume_ignores_batches_the_producer_read_ahead(jsonl_corpus):
+    expected = pack_by_hand([row["text"] for row in stream_of(jsonl_corpus)], seq_len=16, micro_batch_size=2)
+    interrupted = streaming_loader(jsonl_corpus)
+    taken = [next(interrupted) for _ in range(3)]
+    deadline = time.monotonic() + 10
+    while not interrupted._producer._ready.full():  # the producer is prefetch_batches ahead of the trainer
+        assert time.monotonic() < deadline, "the producer never filled its queue"
+        time.sleep(0.01)
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    interrupted.close()
+    resumed = streaming_loader(jsonl_corpus)
+    resumed.load_state_dict(state)
+    assert_same_batches(taken + [next(resumed) for _ in range(4)], expected[:7])
+    resumed.close()
+
+
+class FailingTokenizer(ByteTokenizer):
+    """Bytes, except that document <7> cannot be tokenized."""
+
+    def encode_batch(self, texts):
+        for text in texts:
+            if text.startswith("<7>"):
+                raise DataError("bad document <7>")
+        return super().encode_batch(texts)
+
+
+def streaming_threads() -> list:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("lsys-streaming-")]
+
+
+def test_producer_error_is_raised_on_the_consumer_thread(jsonl_corpus):
+    loader = streaming_loader(jsonl_corpus, tokenizer=FailingTokenizer(), name="failing")
+    with pytest.raises(DataError, match="bad document <7>"):
+        for _ in range(100):
+            next(loader)
+    assert not streaming_threads()
+
+
+def test_close_stops_the_producer_and_iteration_goes_on_after_it(jsonl_corpus):
+    expected = pack_by_hand([row["text"] for row in stream_of(jsonl_corpus)], seq_len=16, micro_batch_size=2)
+    loader = streaming_loader(jsonl_corpus, name="closing")
+    got = [next(loader) for _ in range(2)]
+    assert [thread.name for thread in streaming_threads()] == ["lsys-streaming-closing-rank0"]
+    loader.close()
+    assert not streaming_threads()
+    got += [next(loader) for _ in range(3)]  # a new producer, from the last batch handed out
+    loader.close()
+    assert_same_batches(got, expected[:5])
+    val = StreamingValLoader(stream_of(jsonl_corpus), tokenizer=ByteTokenizer(), text_field="text", seq_len=16,
+                             micro_batch_size=2, dp_rank=0, dp_size=1)
+    assert_same_batches(list(val.batches(3)), expected[:3])
+    assert not streaming_threads()  # validation closes its one-pass loader after its batches
 
 
 # --- document isolation -------------------------------------------------------------------

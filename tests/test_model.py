@@ -208,7 +208,8 @@ def test_rat_reset_parameters_redraws_the_gate_bias_and_small_chunks_start_at_ha
 def test_checkpoints_from_before_the_gate_init_still_load(tmp_path):
     from safetensors.torch import save_file
 
-    from lsys.train.checkpoint import file_sha256, load_model_weights
+    from lsys.checksums import file_sha256
+    from lsys.train.checkpoint import load_model_weights
 
     cfg = tiny(["rat"])
     old = build_model(cfg)

@@ -29,15 +29,19 @@ class DataConfig:
 
     name: str = "stdlib"  # label used in logs and errors
     # stdlib | files | hub | passkey (generated: lsys/data/passkey.py) | stdlib_qa (SFT, lsys/data/qa.py)
+    # | shards (a folder launch/prepare_data.py wrote: lsys/data/shards.py)
     source: str = "stdlib"
-    # files: a file, directory, glob or a list of them; hub: the data set id. Typed Any: a string or a list.
+    # files: a file, directory, glob or a list of them; hub: the data set id; shards: the shard set's folder.
+    # Typed Any: a string or a list.
     path: Any = None
     val_path: Any = None  # files: explicit validation files (same forms as path) instead of a hash split
     text_field: str = "text"  # column that holds the text (jsonl, json, parquet, hub)
     hub_config: str | None = None  # hub: the data set's configuration (subset) name
     split: str = "train"  # hub: the training split
-    val_split: str | None = None  # hub: the validation split; null turns validation off (SFT formats: hash split)
-    val_fraction: float = 0.05  # stdlib/files (and SFT hub): share of documents held out for validation (0: off)
+    val_split: str | None = None  # hub: the validation split; null: a hash split of `split` by val_fraction
+    # Share of documents held out for validation where no val_path/val_split names them: by a hash of the text
+    # (hub: the stream filtered both ways; SFT: of the example's fields); passkey, stdlib_qa: of num_documents. 0: off.
+    val_fraction: float = 0.05
     shuffle_buffer: int = 10000  # hub: documents in the streaming shuffle buffer (0 turns shuffling off)
     num_proc: int = 1  # processes for loading and tokenizing map-style data
     num_documents: int = 20000  # passkey, stdlib_qa: documents generated for training (validation: val_fraction)

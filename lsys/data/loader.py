@@ -2,7 +2,8 @@
 
 Map-style data (stdlib, files) is tokenized once (cached by `datasets`), its documents shuffled
 with the seed and laid end to end in memory (4 bytes a token; use a hub/streaming source for
-corpora beyond RAM), then cut into windows (see `lsys.data.packing`). Each epoch visits the
+corpora beyond RAM, or a shard set: `data=shards`, `lsys.data.shards`, read from disk window by window),
+then cut into windows (see `lsys.data.packing`). Each epoch visits the
 windows in a fresh order drawn from `seed + epoch`, the same on every rank; at each step rank r
 takes windows `[r*B, (r+1)*B)` of the step's `dp_size*B`, so the dp ranks never share a window.
 An epoch ends when fewer than `dp_size*B` windows are left; those are skipped that epoch.
@@ -20,6 +21,7 @@ every batch is `(inputs, targets, segment_ids)`, and sharding, shuffling and res
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import datasets
@@ -32,6 +34,7 @@ from lsys.data.config import DataConfig
 from lsys.data.errors import DataError
 from lsys.data.packing import Batch, TokenWindows, check_batch_layout, token_stream, tokenize_documents
 from lsys.data.sft import ExampleWindows, windows_of_examples
+from lsys.data.shards import ShardWindows, check_tokenizer, read_manifest, tokenizer_identity
 from lsys.data.sources import load_examples, load_source
 from lsys.data.streaming import StreamingLoader, StreamingValLoader
 from lsys.data.tokenizer import Tokenizer
@@ -42,7 +45,7 @@ Result = TypeVar("Result")
 
 
 class Windows(Protocol):
-    """Windows held in memory that the loaders shard: `packing.TokenWindows` or `sft.ExampleWindows`."""
+    """Windows that the loaders shard: `packing.TokenWindows`, `sft.ExampleWindows` or `shards.ShardWindows`."""
 
     count: int
     seq_len: int
@@ -204,6 +207,8 @@ def build_loaders(
     check_batch_layout(**layout)
     if cfg.is_sft:
         return _example_loaders(cfg, data_cfg, seed=seed, tokenizer=tokenizer, layout=layout)
+    if cfg.source == "shards":
+        return _shard_loaders(cfg, seed=seed, tokenizer=tokenizer, layout=layout)
     eos_id = document_end_id(cfg, tokenizer)
     train_documents, val_documents = _rank_zero_first(lambda: load_source(cfg, seq_len=seq_len, tokenizer=tokenizer))
 
@@ -255,6 +260,30 @@ def _example_loaders(
     if val_examples is None:
         return train, None
     val = ValLoader(_rank_zero_first(lambda: windows_of(val_examples, "validation")), **layout)
+    return train, _usable_validation(val, name=cfg.name, layout=layout)
+
+
+def _shard_loaders(
+    cfg: DataConfig, *, seed: int, tokenizer: Tokenizer, layout: dict[str, int]
+) -> tuple[PackedLoader, ValLoader | None]:
+    """`build_loaders` for a shard set (`lsys.data.shards`): the windows of the in-memory path, read from disk."""
+    if not isinstance(cfg.path, str):
+        raise DataError(
+            f"data.path must be the folder launch/prepare_data.py wrote for source 'shards', got {cfg.path!r}"
+        )
+    directory = Path(cfg.path)
+    manifest = read_manifest(directory)
+    check_tokenizer(manifest, directory, identity=tokenizer_identity(cfg.tokenizer), eos_id=tokenizer.eos_id)
+    # The windows make their own segment_ids, so the loaders get no eos_id.
+    windows = {"seq_len": layout["seq_len"], "eos_id": document_end_id(cfg, tokenizer), "manifest": manifest}
+    train = PackedLoader(ShardWindows(directory, "train", seed=seed, **windows), seed=seed, name=cfg.name, **layout)
+    logger.info(
+        "data '%s': shards in %s, %d training tokens, %d batches of %d tokens per rank per epoch",
+        cfg.name, directory, manifest["splits"]["train"]["tokens"], train.batches_per_epoch, train.tokens_per_batch,
+    )
+    if "val" not in manifest["splits"]:
+        return train, None
+    val = ValLoader(ShardWindows(directory, "val", seed=None, **windows), **layout)
     return train, _usable_validation(val, name=cfg.name, layout=layout)
 
 

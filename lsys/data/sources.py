@@ -16,8 +16,9 @@ strings Arrow already holds as UTF-8) are checked in full on every load: a file 
 valid UTF-8 is skipped, and one logged warning names the skipped files and counts them. The
 check runs before `datasets` reads anything, so the warning shows on every run, cached or not.
 
-Validation split (`stdlib`, and `files` without `val_path`): a document is held out when a
-BLAKE2b hash of its text falls below `val_fraction`. The split is the same on every machine and
+Validation split (`stdlib`, `files` without `val_path`, `hub` without `val_split`): a document is
+held out when a BLAKE2b hash of its text falls below `val_fraction` (a hub stream is filtered by it
+both ways: training gets the documents not held out). The split is the same on every machine and
 rank, whatever the file order or mount point, and exact duplicates always land on the same side.
 
 SFT examples (`data.format` messages or prompt_response; `load_examples`) are whole records:
@@ -91,7 +92,10 @@ def load_source(cfg: DataConfig, *, seq_len: int, tokenizer: Tokenizer) -> MapSp
     if cfg.source == "hub":
         if cfg.path is None:
             raise DataError("data.path is required for source 'hub': the data set id, e.g. 'HuggingFaceFW/fineweb-edu'")
-        return load_hub(cfg.path, hub_config=cfg.hub_config, split=cfg.split, val_split=cfg.val_split)
+        return load_hub(
+            cfg.path, hub_config=cfg.hub_config, split=cfg.split, val_split=cfg.val_split, text_field=cfg.text_field,
+            val_fraction=cfg.val_fraction, name=cfg.name,
+        )
     raise DataError(f"data.source '{cfg.source}' is unknown; expected 'stdlib', 'files', 'hub' or 'passkey'")
 
 
@@ -154,13 +158,34 @@ def load_files(
     return documents, load_documents(val_files, text_field=text_field, num_proc=num_proc, name=f"{name} (val_path)")
 
 
-def load_hub(path: str, *, hub_config: str | None, split: str, val_split: str | None) -> StreamSplits:
-    """A hub data set's (train, validation) splits, streamed; validation is None without `val_split`."""
+def load_hub(
+    path: str,
+    *,
+    hub_config: str | None,
+    split: str,
+    val_split: str | None,
+    text_field: str = "text",
+    val_fraction: float = 0.0,
+    name: str = "hub",
+) -> StreamSplits:
+    """A hub data set's (train, validation) documents, streamed: `val_split`, else a hash split of `split`.
+
+    Without `val_split` the documents whose `text_field` hashes below `val_fraction` (`in_validation_split`, the
+    rule map-style data use) are validation and the rest training: one stream, filtered both ways, so each
+    held-out document is read (and hashed) by both. Validation is None when `val_fraction` is 0.
+    """
+    if val_split is None and not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"data.val_fraction {val_fraction} must be in [0, 1)")
     try:
-        train = datasets.load_dataset(path, hub_config, split=split, streaming=True)
+        documents = datasets.load_dataset(path, hub_config, split=split, streaming=True)
         val = datasets.load_dataset(path, hub_config, split=val_split, streaming=True) if val_split else None
     except (OSError, ValueError) as error:  # ConnectionError, DatasetNotFoundError, unknown split or config
         raise DataError(f"data.path '{path}' (config {hub_config}) cannot be opened from the hub: {error}") from None
+    if val_split is not None or val_fraction == 0.0:
+        return documents, val
+    split_kwargs = {"text_field": text_field, "val_fraction": val_fraction, "name": name}
+    train = documents.filter(_row_in_split, fn_kwargs={**split_kwargs, "validation": False})
+    val = documents.filter(_row_in_split, fn_kwargs={**split_kwargs, "validation": True})
     return train, val
 
 
@@ -302,6 +327,11 @@ def split_examples(records: datasets.Dataset, *, fields: list[str], val_fraction
 def example_key(values: dict[str, object]) -> str:
     """The text an SFT record is hashed by for the validation split: its fields as canonical JSON."""
     return json.dumps(values, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _row_in_split(row: dict, *, text_field: str, val_fraction: float, validation: bool, name: str) -> bool:
+    _check_columns(list(row), {"data.text_field": text_field}, where=f"data set '{name}'")
+    return in_validation_split(row[text_field] or "", val_fraction) == validation
 
 
 def _in_split(texts: list[str], val_fraction: float, validation: bool) -> list[bool]:

@@ -20,7 +20,6 @@ step stops once every file is written and before its manifest, creates `path` an
 `path` exists, so a test can kill the process at a known point of a save (tests/test_train.py).
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from lsys.checksums import file_sha256
 from parallel import World, barrier
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,6 @@ class SavesEngineState(Protocol):
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(1 << 23):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -14,8 +14,9 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from lsys.checksums import file_sha256
 from lsys.train.checkpoint import (
-    MANIFEST, ZERO_DIR, Checkpointer, CheckpointError, config_of, file_sha256, latest_checkpoint,
+    MANIFEST, ZERO_DIR, Checkpointer, CheckpointError, config_of, latest_checkpoint,
 )
 from parallel import World
 
