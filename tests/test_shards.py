@@ -10,6 +10,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -28,6 +29,7 @@ from lsys.data.shards import (
     verify,
 )
 from lsys.data.sources import load_source
+from lsys.data.splits import in_validation_split
 from tests.conftest import REPO, TINY, run_train
 
 SEED = 7
@@ -79,6 +81,31 @@ def test_shard_windows_equal_token_windows_across_shards(stdlib_shards: Path):
         [torch.randperm(got.count, generator=torch.Generator().manual_seed(0))[:500], torch.tensor([0, got.count - 1])]
     )
     assert all(torch.equal(a, b) for a, b in zip(expected.batch(sample), got.batch(sample), strict=True))
+
+
+def test_hub_documents_are_prepared_in_stream_order_with_their_hash_split(tmp_path: Path):
+    """A hub data set with only a train split (a folder of parquet files, read as the hub's are): the shards hold
+    its documents in stream order, each in the split its text hashes to, every one EOS-terminated."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    texts = [f"document {i}: " + "words " * (i % 7 + 1) for i in range(400)]
+    for index in range(2):
+        datasets.Dataset.from_dict({"body": texts[index::2]}).to_parquet(hub / f"train-{index:05d}.parquet")
+    data = DataConfig(name="hub-test", source="hub", path=str(hub), text_field="body", val_fraction=0.2)
+    out = shards_of(tmp_path, data, workers=2, shard_tokens=1000)
+    manifest = read_manifest(out)
+    assert manifest["source"]["source"] == "hub" and len(manifest["splits"]["train"]["shards"]) > 1
+
+    stream_order = texts[0::2] + texts[1::2]  # the parquet files one after the other
+    for split, validation in (("train", False), ("val", True)):
+        expected = [t for t in stream_order if in_validation_split(t, 0.2) == validation]
+        windows = ShardWindows(out, split, seq_len=8, seed=None)
+        stored = np.concatenate([np.fromfile(f, dtype=np.uint16) for f in windows._files])
+        ends = np.flatnonzero(stored == ByteTokenizer().eos_id)
+        assert len(ends) and ends[-1] == len(stored) - 1
+        documents = [ByteTokenizer().decode(stored[a:b].tolist()) for a, b in zip(np.r_[0, ends[:-1] + 1], ends)]
+        assert documents == expected
+    assert 40 < manifest["splits"]["val"]["documents"] < 120  # about 0.2 of 400
 
 
 @pytest.fixture

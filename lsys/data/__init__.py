@@ -5,6 +5,7 @@ from lsys.data.config import DataConfig
 from lsys.data.errors import DataError
 from lsys.data.loader import PackedLoader, SequenceSlices, ValLoader, build_loaders, chat_template_of
 from lsys.data.packing import segment_ids
+from lsys.data.prefetch import PrefetchingLoader
 from lsys.data.sft import ExampleWindows
 from lsys.data.sources import load_examples, load_source
 from lsys.data.streaming import StreamingLoader, StreamingValLoader
@@ -17,6 +18,7 @@ __all__ = [
     "ExampleWindows",
     "HFTokenizer",
     "PackedLoader",
+    "PrefetchingLoader",
     "SequenceSlices",
     "StreamingLoader",
     "StreamingValLoader",

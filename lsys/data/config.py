@@ -43,6 +43,9 @@ class DataConfig:
     # (hub: the stream filtered both ways; SFT: of the example's fields); passkey, stdlib_qa: of num_documents. 0: off.
     val_fraction: float = 0.05
     shuffle_buffer: int = 10000  # hub: documents in the streaming shuffle buffer (0 turns shuffling off)
+    # Training batches made ahead on a background thread (pinned on GPU; lsys/data/prefetch.py); 0: made on the
+    # training thread.
+    prefetch_batches: int = 4
     num_proc: int = 1  # processes for loading and tokenizing map-style data
     num_documents: int = 20000  # passkey, stdlib_qa: documents generated for training (validation: val_fraction)
     doc_isolation: bool = False  # true: every batch is (inputs, targets, segment_ids), each document seen alone
@@ -67,6 +70,10 @@ class DataConfig:
             raise DataError(
                 "data.rope_restart=true but data.doc_isolation=false: positions can only restart at document "
                 "boundaries the loader emits; set data.doc_isolation=true"
+            )
+        if not isinstance(self.prefetch_batches, int) or self.prefetch_batches < 0:
+            raise DataError(
+                f"data.prefetch_batches must be a count of batches, 0 or more, got {self.prefetch_batches!r}"
             )
         if self.format not in FORMATS:
             raise DataError(f"data.format '{self.format}' is unknown; expected 'text', 'messages' or 'prompt_response'")

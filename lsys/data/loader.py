@@ -132,6 +132,9 @@ class PackedLoader:
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
 
+    def close(self) -> None:
+        """Nothing runs in the background here (`lsys.data.prefetch.PrefetchingLoader` adds a thread)."""
+
     def _epoch_order(self) -> torch.Tensor:
         if self._order_epoch != self.epoch:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -399,3 +402,8 @@ class SequenceSlices:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stops the wrapped loader's background thread, if it has one."""
+        if hasattr(self.loader, "close"):
+            self.loader.close()

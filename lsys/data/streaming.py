@@ -9,7 +9,7 @@ on by T. With `doc_isolation` each batch also carries its `segment_ids`, cut at 
 exactly as for map-style data (`lsys.data.packing.window_batch`).
 
 Reading, tokenizing (`encode_batch`, a few documents at a time) and packing run on a background
-thread (`BatchProducer`) that keeps up to `prefetch_batches` ready batches in a queue, so the
+thread (`lsys.data.prefetch.BatchProducer`) that keeps up to `prefetch_batches` ready batches in a queue, so the
 training thread only takes them; an error there is raised again on the training thread.
 
 Resuming: `state_dict()` holds the epoch, the `IterableDataset.state_dict()` and the leftover
@@ -22,9 +22,6 @@ refills from the stream and the documents that sat in it at the checkpoint are s
 
 import copy
 import itertools
-import queue
-import threading
-import weakref
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -35,6 +32,7 @@ from datasets.distributed import split_dataset_by_node
 
 from lsys.data.errors import DataError
 from lsys.data.packing import Batch, check_batch_layout, window_batch
+from lsys.data.prefetch import BackgroundLoader, BatchProducer
 from lsys.data.tokenizer import Tokenizer
 
 DOCUMENTS_PER_ENCODE = 16  # documents tokenized per `encode_batch` call (HF tokenizers run it without the GIL)
@@ -131,59 +129,13 @@ class StreamPacker:
         return iter(self._documents)
 
 
-class BatchProducer:
-    """A daemon thread that puts `(batch, state after it)` from a packer into a bounded queue, then its end or error."""
-
-    _END = object()  # put after the last batch of a stream that does not repeat
-
-    def __init__(self, packer: StreamPacker, *, prefetch_batches: int, thread_name: str):
-        self._packer = packer
-        self._ready: queue.Queue = queue.Queue(maxsize=prefetch_batches)
-        self.stopping = threading.Event()
-        self._thread = threading.Thread(target=self._produce, name=thread_name, daemon=True)
-        self._thread.start()
-
-    def take(self) -> tuple[Batch, dict[str, Any]] | None:
-        """The next ready batch and the state after it; None at the end; the producer's error is raised here."""
-        item = self._ready.get()
-        if item is BatchProducer._END:
-            return None
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def stop(self) -> None:
-        """Stops the thread and waits for it (at most the batch it is making)."""
-        self.stopping.set()
-        self._thread.join()
-
-    def _produce(self) -> None:
-        try:
-            while not self.stopping.is_set():
-                batch = self._packer.next_batch()
-                if batch is None:
-                    self._put(BatchProducer._END)
-                    return
-                self._put((batch, self._packer.state()))
-        except BaseException as error:  # handed to the consumer, which raises it with its own message
-            self._put(error)
-
-    def _put(self, item: Any) -> None:
-        # A short timeout, so a full queue nobody takes from any more does not keep the thread past stop().
-        while not self.stopping.is_set():
-            try:
-                self._ready.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-
-class StreamingLoader:
+class StreamingLoader(BackgroundLoader):
     """Batches `(inputs, targets)`, int64 `[B, T]`, packed on a background thread from one dp rank's share of a stream.
 
     With `doc_isolation` each batch also carries its `segment_ids`, documents ending at the tokenizer's EOS.
     The thread starts at the first batch asked for; `close()` stops it, and the next batch asked for
-    starts a new one where the last batch handed out ended.
+    starts a new one where the last batch handed out ended. `state_dict()`: this rank's position after
+    the batches handed out (epoch, dataset state, leftover tokens), JSON-able.
     """
 
     def __init__(
@@ -227,56 +179,24 @@ class StreamingLoader:
             name=name,
             eos_id=tokenizer.eos_id if doc_isolation else None,
         )
-        # The position after the last batch handed out; the producer may have read further.
-        self._state: dict[str, Any] = {"epoch": 0, "dataset": self._documents.state_dict(), "tokens": []}
-        self._producer: BatchProducer | None = None
-        self._stop_when_dropped: weakref.finalize | None = None
+        super().__init__({"epoch": 0, "dataset": self._documents.state_dict(), "tokens": []})
 
     @property
     def tokens_per_batch(self) -> int:
         """Input tokens in one batch of this rank (B*T); multiply by dp_size for the global batch."""
         return self.micro_batch_size * self.seq_len
 
-    def __iter__(self) -> "StreamingLoader":
-        return self
-
-    def __next__(self) -> Batch:
-        if self._producer is None:
-            self._start_producer()
-        try:
-            ready = self._producer.take()
-        except BaseException:
-            self.close()  # the thread has ended; the next call starts afresh from the last good state
-            raise
-        if ready is None:
-            self.close()
-            raise StopIteration
-        batch, self._state = ready
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's position after the batches handed out: epoch, dataset state, leftover tokens (JSON-able)."""
-        return copy.deepcopy(self._state)
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continues from a state this rank saved (exact without shuffling; see the module docstring)."""
         self.close()
         self._state = {"epoch": int(state["epoch"]), "dataset": state["dataset"], "tokens": list(state["tokens"])}
 
-    def close(self) -> None:
-        """Stops the background thread, if one runs; batches read ahead are dropped, the position is kept."""
-        if self._producer is None:
-            return
-        self._stop_when_dropped.detach()
-        self._producer.stop()
-        self._producer = None
-
-    def _start_producer(self) -> None:
-        packer = self._new_packer(copy.deepcopy(self._state))
+    def _producer_from(self, state: dict[str, Any]) -> BatchProducer:
+        packer = self._new_packer(copy.deepcopy(state))
         thread_name = f"lsys-streaming-{self.name}-rank{self.dp_rank}"
-        self._producer = BatchProducer(packer, prefetch_batches=self.prefetch_batches, thread_name=thread_name)
-        # A loader dropped without close() still lets its thread end (without waiting for it).
-        self._stop_when_dropped = weakref.finalize(self, self._producer.stopping.set)
+        return BatchProducer(
+            packer.next_batch, packer.state, prefetch_batches=self.prefetch_batches, thread_name=thread_name
+        )
 
 
 class StreamingValLoader:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lsys.config import ConfigError, activation_plan, check_config, device_problems, model_config
-from lsys.data import DataError, SequenceSlices, build_loaders, build_tokenizer
+from lsys.data import DataError, PrefetchingLoader, SequenceSlices, build_loaders, build_tokenizer
 from lsys.data.config import DataConfig
 from lsys.eval.needle import EvalError, NeedleGrid, check_grid, evaluate_needle
 from lsys.eval.report import mean_answer_loss
@@ -93,6 +93,11 @@ class Trainer:
             self.train_loader = SequenceSlices(self.train_loader, positions)
             if self.val_loader is not None:
                 self.val_loader = SequenceSlices(self.val_loader, positions)
+        if cfg.data.prefetch_batches > 0:  # outermost, so that slicing and pinning run on its thread too
+            self.train_loader = PrefetchingLoader(
+                self.train_loader, prefetch_batches=cfg.data.prefetch_batches,
+                pin_memory=world.device.type == "cuda", name=f"{cfg.data.name}-rank{world.rank}",
+            )
 
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.model = build_model(model_cfg, world.device, activation_plan(cfg.trainer))
@@ -312,7 +317,7 @@ class Trainer:
             disable=not (self.world.is_main and tc.progress_bar), dynamic_ncols=True,
         )
         self.guard.check_weights(self.engine.weight_norm())  # the norm the first update is measured against
-        with logging_redirect_tqdm(), progress, closing(metrics):
+        with logging_redirect_tqdm(), progress, closing(metrics), closing(self.train_loader):
             while self.step < last_step:
                 throughput.start()
                 micro_batches = list(islice(batches, tc.grad_accum))
