@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,9 +39,11 @@ class TrainThroughput:
     final_loss: float
 
 
-def measure_training(model: str, nproc: int, steps: int, work_dir: Path, overrides: list[str]) -> TrainThroughput:
+def measure_training(
+    model: str, nproc: int, steps: int, work_dir: Path, overrides: list[str], run_name: str | None = None
+) -> TrainThroughput:
     """Run launch/train.py under torchrun and average tokens/s over the logged intervals after the first."""
-    run_dir = work_dir / f"{model}-np{nproc}"
+    run_dir = work_dir / (run_name or f"{model}-np{nproc}")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         str(REPO / "launch/train.py"), f"model={model}", f"run_dir={run_dir}", "resume=none",
@@ -61,17 +64,40 @@ def measure_training(model: str, nproc: int, steps: int, work_dir: Path, overrid
     )
 
 
-def training_table(results: list[TrainThroughput]) -> str:
-    """Markdown table with each row's speed relative to the first row."""
-    base = results[0].tokens_per_s
+def measure_training_rounds(
+    models: tuple[str, str], nprocs: tuple[int, ...], rounds: int, steps: int, work_dir: Path, overrides: list[str]
+) -> list[list[TrainThroughput]]:
+    """Each (model, nproc) trained once per round, the two models back to back and in turns first, so that a
+    machine whose speed drifts slows both alike: per round, the results in the order models x nprocs."""
+    results = []
+    for round_index in range(rounds):
+        order = models if round_index % 2 == 0 else models[::-1]
+        measured = {}
+        for nproc in nprocs:
+            for model in order:
+                run_name = f"{model}-np{nproc}-r{round_index}"
+                measured[(model, nproc)] = measure_training(model, nproc, steps, work_dir, overrides, run_name)
+        results.append([measured[(model, nproc)] for model in models for nproc in nprocs])
+    return results
+
+
+def training_table(rounds: list[list[TrainThroughput]]) -> str:
+    """Markdown table of the median over rounds of each run's tokens/s, with each round's ratio to the first
+    model's run at the same process count (the runs each round pairs)."""
+    first = rounds[0]
     lines = [
-        "| model | processes | tokens/s (global) | tokens/s per process | vs first row | loss at end |",
+        f"| model | processes | tokens/s (global, median) | tokens/s per process | vs {first[0].model}, per round "
+        "| loss at end |",
         "|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for index, r in enumerate(first):
+        runs = [results[index] for results in rounds]
+        paired = [next(b for b in results if b.nproc == r.nproc) for results in rounds]  # the first model's run
+        ratios = ", ".join(f"{run.tokens_per_s / base.tokens_per_s:.2f}x" for run, base in zip(runs, paired))
         lines.append(
-            f"| {r.model} | {r.nproc} | {r.tokens_per_s:,.0f} | {r.tokens_per_s_per_device:,.0f} | "
-            f"{r.tokens_per_s / base:.2f}x | {r.final_loss:.3f} |"
+            f"| {r.model} | {r.nproc} | {statistics.median(x.tokens_per_s for x in runs):,.0f} | "
+            f"{statistics.median(x.tokens_per_s_per_device for x in runs):,.0f} | {ratios} | "
+            f"{statistics.median(x.final_loss for x in runs):.3f} |"
         )
     return "\n".join(lines)
 

@@ -20,3 +20,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos = cos[..., None, :].to(x.dtype)  # broadcast over heads
     sin = sin[..., None, :].to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def rope_matrices(positions: Tensor, head_dim: int, base: float, scale: float = 1.0) -> Tensor:
+    """`[*positions.shape, D, D]` matrices R, float64, with `x @ R` = apply_rope of x at that position, times scale.
+
+    For angles shared by many rows, as RAT's per-chunk rotation is by every token and head of a chunk,
+    one matmul replaces the half-split, the four products and the concatenation (and their backward).
+    """
+    cos, sin = rope_angles(positions, head_dim, base)
+    half = head_dim // 2
+    i = torch.arange(half, device=positions.device)
+    matrices = cos.new_zeros(*cos.shape[:-1], head_dim, head_dim)
+    # Column i of x @ R is x1*cos - x2*sin, column i + D/2 is x2*cos + x1*sin.
+    matrices[..., i, i] = cos
+    matrices[..., i + half, i] = -sin
+    matrices[..., i, i + half] = sin
+    matrices[..., i + half, i + half] = cos
+    return matrices * scale

@@ -36,7 +36,7 @@ from benchmarks.harness import (
     isolation_seconds,
     layer_seconds,
     machine_line,
-    measure_training,
+    measure_training_rounds,
     parameter_count,
     single_device_seconds,
     sp_measurements,
@@ -56,16 +56,16 @@ from lsys.train.planner import SP_OPS, Setup, forward_bytes, longest_sequence, p
 
 def bench_train(args: argparse.Namespace) -> tuple[str, str]:
     with tempfile.TemporaryDirectory() as work_dir:
-        results = [
-            measure_training(model, nproc, args.steps, Path(work_dir), args.overrides)
-            for model in ("rat_tiny", "attn_tiny")
-            for nproc in (1, 2)
-        ]
+        rounds = measure_training_rounds(
+            ("rat_tiny", "attn_tiny"), (1, 2), args.rounds, args.steps, Path(work_dir), args.overrides
+        )
     body = (
         f"Measured on {machine_line()} with `{args.command}`: the quick-start settings "
         f"(stdlib text, byte tokenizer, seq_len 256, 8 windows per process per step), {args.steps} steps, "
-        "one intra-op thread per process, tokens/s averaged over steps 11 to the end (the first ten warm up).\n\n"
-        f"{training_table(results)}"
+        "one intra-op thread per process, tokens/s averaged over steps 11 to the end (the first ten warm up). "
+        f"{args.rounds} rounds, each training both models back to back at each process count (in turns first); "
+        "the table gives the median over rounds, and each round's ratio to rat_tiny at the same process count."
+        f"\n\n{training_table(rounds)}"
     )
     return "Training throughput, CPU quick start", body
 
@@ -387,6 +387,7 @@ def main() -> None:
         "what", choices=["train", "mixers", "sp", "kernels", "memory", "activations", "documents", "data"]
     )
     parser.add_argument("--steps", type=int, default=60, help="train: steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="train: rounds of paired runs (median reported)")
     parser.add_argument("--d-model", type=int, default=256, help="mixers: model width")
     parser.add_argument("--n-heads", type=int, default=8, help="mixers: heads (>= 8 so that S2 covers the context)")
     parser.add_argument("--new-tokens", type=int, default=64, help="mixers: tokens decoded per measurement")

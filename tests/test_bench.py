@@ -1,11 +1,18 @@
-"""launch/bench.py's report file (sections replaced in place, new ones before the hand-written notes) and
-the document mix and tile count its isolation benchmark reports."""
+"""launch/bench.py's report file (sections replaced in place, new ones before the hand-written notes), the
+training table over paired rounds, and the document mix and tile count its isolation benchmark reports."""
 
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import NOTES_HEADING, document_mix, visited_tile_fraction, write_section
+from benchmarks.harness import (
+    NOTES_HEADING,
+    TrainThroughput,
+    document_mix,
+    training_table,
+    visited_tile_fraction,
+    write_section,
+)
 
 
 def test_sections_are_replaced_in_place_and_new_ones_go_before_the_notes(tmp_path: Path):
@@ -40,3 +47,22 @@ def test_visited_tile_fraction_counts_the_tiles_from_each_query_tiles_document_s
     # A document from token 32 to the end: tiles 1-3 start inside it and reach back to tile 0.
     straddling = (torch.arange(256)[None] >= 32).long()
     assert visited_tile_fraction(straddling, tile=64) == 1.0
+
+
+def test_training_table_gives_medians_and_each_rounds_paired_ratio():
+    def run(model: str, nproc: int, tokens_per_s: float, loss: float) -> TrainThroughput:
+        return TrainThroughput(model, nproc, tokens_per_s, tokens_per_s / nproc, loss)
+
+    rounds = [  # per round: rat 1 and 2 processes, then attn 1 and 2
+        [run("rat", 1, 100, 3.0), run("rat", 2, 180, 2.9), run("attn", 1, 90, 3.1), run("attn", 2, 200, 3.0)],
+        [run("rat", 1, 120, 2.0), run("rat", 2, 150, 2.8), run("attn", 1, 126, 2.1), run("attn", 2, 165, 2.7)],
+        [run("rat", 1, 80, 1.0), run("rat", 2, 170, 2.7), run("attn", 1, 60, 1.1), run("attn", 2, 136, 2.6)],
+    ]
+    lines = training_table(rounds).splitlines()
+    assert lines[0].startswith("| model | processes |") and "vs rat, per round" in lines[0]
+    assert lines[2:] == [
+        "| rat | 1 | 100 | 100 | 1.00x, 1.00x, 1.00x | 2.000 |",
+        "| rat | 2 | 170 | 85 | 1.00x, 1.00x, 1.00x | 2.800 |",
+        "| attn | 1 | 90 | 90 | 0.90x, 1.05x, 0.75x | 2.100 |",
+        "| attn | 2 | 165 | 82 | 1.11x, 1.10x, 0.80x | 2.700 |",
+    ]

@@ -420,3 +420,16 @@ def test_bad_input_is_a_clear_error(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         kernels.rat(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("g"), **args)
+
+
+@pytest.mark.parametrize("head_dim", [8, 32])
+def test_rope_matrices_rotate_as_apply_rope(head_dim: int):
+    # The torch backend turns queries and summaries by a matrix per chunk; it must be rotate-half RoPE exactly.
+    from kernels.rope import apply_rope, rope_angles, rope_matrices
+
+    positions = torch.tensor([0, 1, 5, 37, 1000])
+    x = torch.randn(3, len(positions), 2, head_dim, dtype=torch.float64)  # [B, T, H, D]
+    cos, sin = rope_angles(positions, head_dim, 10000.0)
+    expected = apply_rope(x, 0.5 * cos, 0.5 * sin)
+    turned = (x[..., None, :] @ rope_matrices(positions, head_dim, 10000.0, scale=0.5)[:, None]).squeeze(-2)
+    torch.testing.assert_close(turned, expected, rtol=1e-12, atol=1e-12)

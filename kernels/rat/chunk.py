@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from kernels.rope import apply_rope, rope_angles
+from kernels.rope import rope_matrices
 
 QUERY_BLOCK = 256  # query tokens per score block (rounded down to whole chunks)
 
@@ -116,9 +116,9 @@ def _rotate_chunks(x: Tensor, first_chunk: int, rope_base: float | None, scale: 
     if rope_base is None:
         return x * scale if scale != 1.0 else x
     chunk_ids = torch.arange(first_chunk, first_chunk + x.shape[1], device=x.device)
-    cos, sin = rope_angles(chunk_ids, x.shape[-1], rope_base)
-    moved = x.movedim(1, -3)  # apply_rope rotates along dim -3
-    return apply_rope(moved, cos * scale, sin * scale).movedim(-3, 1)
+    rotations = rope_matrices(chunk_ids, x.shape[-1], rope_base, scale).to(x.dtype)  # [C, D, D]
+    rows = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])  # every row of a chunk turns by the chunk's angle
+    return (rows @ rotations).view(x.shape)
 
 
 def _attend_summaries(

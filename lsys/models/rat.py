@@ -103,7 +103,13 @@ class RAT(nn.Module):
             q, k, v, forget, chunk_size=self.chunk_size, rope_base=self.rope_base, documents=documents,
             backend=self.kernel_backend,
         )
-        return self.out(torch.sigmoid(z) * y.flatten(2))
+        return self.gated_output(z, y)
+
+    def gated_output(self, z: Tensor, y: Tensor) -> Tensor:
+        """W_out(sigmoid(z) * y) for the core's output y `[B, T, H, D]`."""
+        # The product takes the layout of its first factor, the fresh sigmoid(z): y (heads-first inside
+        # the core, so strided here) is then flattened without a copy of its own.
+        return self.out((torch.sigmoid(z).view_as(y) * y).flatten(2))
 
     def init_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> RATCache:
         chunks = -(-max_len // self.chunk_size)
@@ -137,7 +143,7 @@ class RAT(nn.Module):
             _, finals = gated_chunk_scan(streams, forget[:, -tail:][:, None].to(state_dtype))
             cache.state_keys[:], cache.state_values[:] = finals
         cache.lengths += x.shape[1]
-        return self.out(torch.sigmoid(z) * y.flatten(2))
+        return self.gated_output(z, y)
 
     def decode(self, x: Tensor, cache: RATCache) -> Tensor:
         """One token per row: advance the chunk's running state, attend to earlier summaries and to it."""
@@ -166,4 +172,4 @@ class RAT(nn.Module):
         for summaries, state in ((cache.summary_keys, own_key), (cache.summary_values, state_v)):
             summaries[rows, chunk] = torch.where(complete, state[:, 0].to(summaries.dtype), summaries[rows, chunk])
         cache.lengths += 1
-        return self.out(torch.sigmoid(z) * y.flatten(2))
+        return self.gated_output(z, y)
