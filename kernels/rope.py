@@ -28,13 +28,7 @@ def rope_matrices(positions: Tensor, head_dim: int, base: float, scale: float = 
     For angles shared by many rows, as RAT's per-chunk rotation is by every token and head of a chunk,
     one matmul replaces the half-split, the four products and the concatenation (and their backward).
     """
-    cos, sin = rope_angles(positions, head_dim, base)
-    half = head_dim // 2
-    i = torch.arange(half, device=positions.device)
-    matrices = cos.new_zeros(*cos.shape[:-1], head_dim, head_dim)
-    # Column i of x @ R is x1*cos - x2*sin, column i + D/2 is x2*cos + x1*sin.
-    matrices[..., i, i] = cos
-    matrices[..., i + half, i] = -sin
-    matrices[..., i, i + half] = sin
-    matrices[..., i + half, i + half] = cos
+    cos, sin = (torch.diag_embed(x) for x in rope_angles(positions, head_dim, base))
+    # Rows of R are x's halves (x1 then x2), columns the output's: [[cos, sin], [-sin, cos]] per frequency.
+    matrices = torch.cat([torch.cat([cos, sin], dim=-1), torch.cat([-sin, cos], dim=-1)], dim=-2)
     return matrices * scale

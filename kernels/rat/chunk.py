@@ -111,14 +111,21 @@ def gated_chunk_scan(streams: Sequence[Tensor], g: Tensor, keep: Tensor | None =
     return _GatedChunkScan.apply(g, keep, *streams)
 
 
-def _rotate_chunks(x: Tensor, first_chunk: int, rope_base: float | None, scale: float = 1.0) -> Tensor:
-    """Rotate `x [B, C, ..., H, D]` by the global chunk index first_chunk + c along dim 1, times `scale`."""
+def _chunk_rotations(first_chunk: int, num_chunks: int, head_dim: int, rope_base: float | None,
+                     device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    """RoPE matrices `[C, D, D]` of the global chunk indices first_chunk + c (None without RoPE)."""
     if rope_base is None:
+        return None
+    chunk_ids = torch.arange(first_chunk, first_chunk + num_chunks, device=device)
+    return rope_matrices(chunk_ids, head_dim, rope_base).to(dtype)
+
+
+def _rotate_chunks(x: Tensor, rotations: Tensor | None, scale: float = 1.0) -> Tensor:
+    """Turn `x [B, C, ..., H, D]` by its chunk's matrix (every row of a chunk by one angle), times scale."""
+    if rotations is None:
         return x * scale if scale != 1.0 else x
-    chunk_ids = torch.arange(first_chunk, first_chunk + x.shape[1], device=x.device)
-    rotations = rope_matrices(chunk_ids, x.shape[-1], rope_base, scale).to(x.dtype)  # [C, D, D]
-    rows = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])  # every row of a chunk turns by the chunk's angle
-    return (rows @ rotations).view(x.shape)
+    rows = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
+    return (rows @ (rotations * scale if scale != 1.0 else rotations)).view(x.shape)
 
 
 def _attend_summaries(
@@ -190,7 +197,8 @@ def rat_chunk(
 
     states, finals = gated_chunk_scan((to_chunks(k), to_chunks(v)), to_chunks(g))
     k_state, v_state = states  # [B, C, L, H, D] each
-    summary_k = _rotate_chunks(finals[0], chunk_start, rope_base)
+    rotations = _chunk_rotations(chunk_start, num_chunks, head_dim, rope_base, q.device, compute_dtype)
+    summary_k = _rotate_chunks(finals[0], rotations)
     summary_v = finals[1]
     q_chunks = to_chunks(q)
 
@@ -198,7 +206,7 @@ def rat_chunk(
         return x.reshape(batch, padded_len, heads, -1).transpose(1, 2)
 
     scale = head_dim**-0.5
-    rotated_q = heads_first(_rotate_chunks(q_chunks, chunk_start, rope_base, scale))
+    rotated_q = heads_first(_rotate_chunks(q_chunks, rotations, scale))
     # A query and its own state carry the same rotation, which cancels in their dot product.
     own_score = heads_first((q_chunks * k_state).sum(-1, keepdim=True) * scale)[..., 0]  # [B, H, T]
     own_value = heads_first(v_state)
@@ -244,4 +252,5 @@ def chunk_summaries_chunk(
         return x[:, : num_chunks * chunk_size].to(compute_dtype).reshape(shape)
 
     _, finals = gated_chunk_scan((to_chunks(k), to_chunks(v)), to_chunks(g))
-    return _rotate_chunks(finals[0], chunk_start, rope_base), finals[1]
+    rotations = _chunk_rotations(chunk_start, num_chunks, head_dim, rope_base, k.device, compute_dtype)
+    return _rotate_chunks(finals[0], rotations), finals[1]
