@@ -10,6 +10,7 @@ from kernels.backend import BACKENDS
 from lsys.models import MIXERS, ActivationPlan, ModelConfig
 from lsys.train.deepspeed_config import settings_problems as deepspeed_settings_problems
 from lsys.train.engine import ENGINES
+from lsys.train.optim import SCHEDULES
 from lsys.train.resume import RESUME_OVERRIDES
 from parallel.layout import LAYOUTS
 from parallel.mesh import mesh_problems
@@ -141,6 +142,12 @@ def check_config(cfg: DictConfig) -> list[str]:
         problems.append(f"optim.lr must be positive, got {optim.lr}")
     if not 0 <= optim.warmup_fraction < 1:
         problems.append(f"optim.warmup_fraction must be in [0, 1), got {optim.warmup_fraction}")
+    if optim.schedule not in SCHEDULES:
+        problems.append(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {optim.schedule!r}")
+    elif optim.schedule == "wsd" and not 0 < optim.decay_fraction <= 1 - optim.warmup_fraction:
+        problems.append(
+            f"optim.decay_fraction must be in (0, 1 - warmup_fraction], got {optim.decay_fraction}"
+        )
     if str(cfg.resume) not in ("auto", "none") and not Path(str(cfg.resume)).is_dir():
         problems.append(f"resume={cfg.resume!r}: use auto, none, or an existing checkpoint folder")
     if cfg.resume_overrides not in RESUME_OVERRIDES:

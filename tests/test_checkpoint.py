@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from lsys.config import ConfigError
 from lsys.models import ModelConfig, build_model
 from lsys.train.checkpoint import Checkpointer, CheckpointError, load_model_weights, rng_state, set_rng_state
+from lsys.train.config import OptimConfig
 from lsys.train.engine import DDPEngine
 from lsys.train.guard import DivergenceGuard
 from lsys.train.trainer import Trainer
@@ -20,8 +21,7 @@ from tests.conftest import TINY, compose_config
 
 WORLD = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 RUN = OmegaConf.create({
-    "optim": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "grad_clip": 1.0,
-              "warmup_fraction": 0.0, "min_lr_ratio": 0.1},
+    "optim": OmegaConf.structured(OptimConfig(warmup_fraction=0.0)),
     "trainer": {"precision": "fp32"},
 })
 OPEN_GUARD = DivergenceGuard(spike_factor=None, window=1, max_grad_norm=None, max_weight_growth=None)

@@ -58,7 +58,7 @@ class TrainerConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with a cosine schedule and linear warmup (the RAT paper's 1.3B settings, lr scaled for tiny models)."""
+    """AdamW with linear warmup and a cosine schedule (the RAT paper's 1.3B settings, lr scaled for tiny models)."""
 
     lr: float = 1.0e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -67,6 +67,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | wsd (warmup, the peak lr held, a linear decay over the last steps)
+    decay_fraction: float = 0.2  # wsd: the share of max_steps spent decaying to min_lr_ratio
 
 
 @dataclass

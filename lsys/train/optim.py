@@ -1,4 +1,9 @@
-"""AdamW with decoupled weight decay on matrices only, and a cosine schedule with linear warmup."""
+"""AdamW with decoupled weight decay on matrices only, and a learning-rate schedule with linear warmup.
+
+Two schedules: cosine (decays over the whole run) and wsd, warmup-stable-decay (the peak lr held until
+a final `decay_fraction` of the steps, then a linear decay), for short runs whose learning happens
+late and needs the peak lr while it does.
+"""
 
 import math
 
@@ -29,15 +34,43 @@ def cosine_with_warmup(step: int, *, max_steps: int, warmup_steps: int, min_lr_r
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def warmup_stable_decay(
+    step: int, *, max_steps: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float
+) -> float:
+    """LR multiplier: linear from 1/warmup to 1 over the warmup, 1 until the last decay_steps, then linear down
+    to min_lr_ratio at max_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_start = max_steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, decay_steps))
+    return 1.0 - (1 - min_lr_ratio) * progress
+
+
+SCHEDULES = ("cosine", "wsd")
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine schedule over `max_steps` with `warmup_fraction` of them spent warming up."""
+    """`cfg.schedule` over `max_steps`, `warmup_fraction` of them spent warming up (wsd: the last
+    `decay_fraction` of them decaying)."""
     warmup_steps = round(cfg.warmup_fraction * max_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: cosine_with_warmup(
-            step, max_steps=max_steps, warmup_steps=warmup_steps, min_lr_ratio=cfg.min_lr_ratio
-        ),
-    )
+    if cfg.schedule == "cosine":
+        def multiplier(step: int) -> float:
+            return cosine_with_warmup(
+                step, max_steps=max_steps, warmup_steps=warmup_steps, min_lr_ratio=cfg.min_lr_ratio
+            )
+    elif cfg.schedule == "wsd":
+        decay_steps = round(cfg.decay_fraction * max_steps)
+
+        def multiplier(step: int) -> float:
+            return warmup_stable_decay(
+                step, max_steps=max_steps, warmup_steps=warmup_steps, decay_steps=decay_steps,
+                min_lr_ratio=cfg.min_lr_ratio,
+            )
+    else:
+        raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
 def apply_optimizer_settings(
