@@ -53,3 +53,24 @@ def test_cosine_decays_from_the_peak_after_warmup():
 def test_a_bad_schedule_is_a_config_problem(overrides: list[str], message: str):
     problems = check_config(compose_config(overrides))
     assert any(message in problem for problem in problems), problems
+
+
+def test_a_wsd_run_resumed_with_more_steps_in_its_stable_phase_stays_at_the_peak():
+    """The scheduler is rebuilt from the new max_steps and takes the saved position (as a resume does)."""
+    cfg = OmegaConf.structured(OptimConfig(lr=PEAK, schedule="wsd", warmup_fraction=0.0, decay_fraction=0.2))
+    model = torch.nn.Linear(4, 4)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, max_steps=100)
+    for _ in range(70):
+        optimizer.step()
+        scheduler.step()
+    saved = scheduler.state_dict()
+
+    longer = build_scheduler(build_optimizer(model, cfg), cfg, max_steps=200)
+    longer.load_state_dict(saved)
+    lrs = []
+    for _ in range(130):
+        lrs.append(longer.get_last_lr()[0])
+        longer.step()
+    assert lrs[:90] == pytest.approx([PEAK] * 90)  # steps 70..159: the stable phase of 200 steps
+    assert lrs[-1] == pytest.approx(PEAK * (1 - 0.9 * 39 / 40))

@@ -1,8 +1,8 @@
 """AdamW with decoupled weight decay on matrices only, and a learning-rate schedule with linear warmup.
 
 Two schedules: cosine (decays over the whole run) and wsd, warmup-stable-decay (the peak lr held until
-a final `decay_fraction` of the steps, then a linear decay), for short runs whose learning happens
-late and needs the peak lr while it does.
+a final `decay_fraction` of the steps, then a linear decay). Under wsd most steps run at the peak, and a
+run resumed with a larger trainer.max_steps during its stable phase simply stays at the peak longer.
 """
 
 import math
