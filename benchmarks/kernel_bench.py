@@ -85,7 +85,7 @@ def rat_flex_reference(
     2. flex_attention of every query over the rotated chunk summaries, block-causal by chunk, with lse;
     3. the merge of each token's own running state into that softmax through the lse.
     """
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
     batch, seq_len, heads, head_dim = q.shape
     num_chunks = seq_len // chunk_size
@@ -111,11 +111,11 @@ def rat_flex_reference(
     )
     attend = torch.compile(flex_attention) if compiled else flex_attention
     cast = q.dtype  # flex_attention runs in the inputs' dtype, like the reference code
-    out_s, lse_s = attend(
+    out_s, aux = attend(
         q_rot.to(cast).transpose(1, 2), summaries_k.to(cast).transpose(1, 2), summaries_v.to(cast).transpose(1, 2),
-        block_mask=block_mask, return_lse=True,
+        block_mask=block_mask, return_aux=AuxRequest(lse=True),
     )
-    out_s, lse_s = out_s.transpose(1, 2).to(dtype), lse_s.transpose(1, 2).to(dtype)  # [B, T, H, D], [B, T, H]
+    out_s, lse_s = out_s.transpose(1, 2).to(dtype), aux.lse.transpose(1, 2).to(dtype)  # [B, T, H, D], [B, T, H]
     own = (q_rot * k_rot).sum(-1) * head_dim**-0.5  # [B, T, H]
     share = torch.sigmoid(own - lse_s)  # the own state's weight in the merged softmax; 1 where no summary is seen
     out = share[..., None] * v_state.reshape(q.shape) + (1 - share[..., None]) * out_s
