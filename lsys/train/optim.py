@@ -26,50 +26,36 @@ def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
     )
 
 
-def cosine_with_warmup(step: int, *, max_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear from 1/warmup to 1 over the warmup, then cosine down to min_lr_ratio."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def warmup_stable_decay(
-    step: int, *, max_steps: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float
-) -> float:
-    """LR multiplier: linear from 1/warmup to 1 over the warmup, 1 until the last decay_steps, then linear down
-    to min_lr_ratio at max_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_start = max_steps - decay_steps
-    if step < decay_start:
-        return 1.0
-    progress = min(1.0, (step - decay_start) / max(1, decay_steps))
-    return 1.0 - (1 - min_lr_ratio) * progress
-
-
 SCHEDULES = ("cosine", "wsd")
+
+
+def lr_multiplier(
+    step: int, *, schedule: str, max_steps: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float
+) -> float:
+    """LR multiplier: linear from 1/warmup to 1 over the warmup, then down to min_lr_ratio at max_steps, by a
+    cosine over all the remaining steps, or (wsd) held at 1 until the last decay_steps and linear over them."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    progress = min(1.0, max(0, step - (max_steps - decay_steps)) / max(1, decay_steps))
+    return 1.0 - (1 - min_lr_ratio) * progress
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """`cfg.schedule` over `max_steps`, `warmup_fraction` of them spent warming up (wsd: the last
     `decay_fraction` of them decaying)."""
-    warmup_steps = round(cfg.warmup_fraction * max_steps)
-    if cfg.schedule == "cosine":
-        def multiplier(step: int) -> float:
-            return cosine_with_warmup(
-                step, max_steps=max_steps, warmup_steps=warmup_steps, min_lr_ratio=cfg.min_lr_ratio
-            )
-    elif cfg.schedule == "wsd":
-        decay_steps = round(cfg.decay_fraction * max_steps)
-
-        def multiplier(step: int) -> float:
-            return warmup_stable_decay(
-                step, max_steps=max_steps, warmup_steps=warmup_steps, decay_steps=decay_steps,
-                min_lr_ratio=cfg.min_lr_ratio,
-            )
-    else:
+    if cfg.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    shape = dict(
+        schedule=cfg.schedule, max_steps=max_steps, warmup_steps=round(cfg.warmup_fraction * max_steps),
+        decay_steps=round(cfg.decay_fraction * max_steps), min_lr_ratio=cfg.min_lr_ratio,
+    )
+
+    def multiplier(step: int) -> float:
+        return lr_multiplier(step, **shape)
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
