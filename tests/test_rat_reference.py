@@ -433,3 +433,21 @@ def test_rope_matrices_rotate_as_apply_rope(head_dim: int):
     expected = apply_rope(x, 0.5 * cos, 0.5 * sin)
     turned = (x[..., None, :] @ rope_matrices(positions, head_dim, 10000.0, scale=0.5)[:, None]).squeeze(-2)
     torch.testing.assert_close(turned, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("length", [1, 2, 3, 5, 6, 7, 12, 16, 17, 31, 64])
+def test_prefix_scan_matches_a_loop(length, reverse):
+    """The chunk scan's Brent-Kung prefix scan, at lengths that are and are not powers of two, both ways."""
+    from kernels.rat.chunk import _scan
+
+    gen = torch.Generator().manual_seed(length)
+    gates = torch.rand(2, 3, length, 2, 4, generator=gen, dtype=torch.float64)  # [B, C, L, H, D]
+    values = torch.randn(2, 2, 3, length, 2, 4, generator=gen, dtype=torch.float64)  # [S, B, C, L, H, D]
+    expected = torch.empty_like(values)
+    state = torch.zeros_like(values[..., 0, :, :])
+    for t in reversed(range(length)) if reverse else range(length):
+        state = gates[..., t, :, :] * state + values[..., t, :, :]
+        expected[..., t, :, :] = state
+    out = _scan(gates.clone(), values.clone(), reverse=reverse)
+    assert _rel_err(out, expected) <= F64_TOL

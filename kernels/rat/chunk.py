@@ -1,12 +1,12 @@
 """RAT in whole chunks without a loop over the L steps: the fast torch form of naive.py.
 
 The gated scan inside a chunk, h_t = g_t h_{t-1} + b_t with b_t = (1 - g_t) x_t and h_{-1} = 0,
-composes like the pairs (g, b) under (g1, b1) then (g2, b2) = (g1 g2, g2 b1 + b2). So log2(L)
-doubling steps over the whole tensor (Hillis-Steele) give every h_t exactly: after the step of
-offset d, position t holds the composition of the 2d steps ending at t. Nothing is divided or
-exponentiated, so any gate in [0, 1] is exact (the closed form with cumulative log-gates
-overflows once a chunk's gates multiply below ~1e-38 in fp32). The backward is the same scan
-run in reverse, lam_t = dh_t + g_{t+1} lam_{t+1}, then dx_t = (1 - g_t) lam_t and
+composes like the pairs (g, b) under (g1, b1) then (g2, b2) = (g1 g2, g2 b1 + b2), an associative
+operation, so a parallel prefix scan gives every h_t exactly in 2 log2(L) strided passes over the
+chunk axis (Brent-Kung: spans of 2, 4, 8, ... steps, then the positions between them; `_scan`).
+Nothing is divided or exponentiated, so any gate in [0, 1] is exact (the closed form with
+cumulative log-gates overflows once a chunk's gates multiply below ~1e-38 in fp32). The backward
+is the same scan run in reverse, lam_t = dh_t + g_{t+1} lam_{t+1}, then dx_t = (1 - g_t) lam_t and
 dg_t = lam_t (h_{t-1} - x_t); k~ and v~ share one gate, so they are scanned together.
 
 Attention then reads the states: a token of chunk c scores the summaries (final states) of
@@ -27,41 +27,46 @@ QUERY_BLOCK = 256  # query tokens per score block (rounded down to whole chunks)
 
 
 def _scan(gates: Tensor, values: Tensor, *, reverse: bool = False) -> Tensor:
-    """h_t = a_t h_{t-1} + b_t along dim -3 (h_t = a_t h_{t+1} + b_t if reverse), in log2(L) doubling steps.
+    """h_t = a_t h_{t-1} + b_t along dim -3 (h_t = a_t h_{t+1} + b_t if reverse), in place, by Brent-Kung.
 
-    `values` holds the b_t and is used as scratch; `gates` (the a_t) broadcast to it and are
-    left alone. Each step is one fused pass (addcmul) from one buffer into the other.
+    `values` holds the b_t and receives the h_t; `gates` holds the a_t (broadcast to values) and is
+    overwritten with products of them. An up-sweep composes spans of 2, 4, 8, ... steps ending at
+    every 2nd, 4th, 8th, ... position; a down-sweep then finishes each position in between from the
+    finished prefix before its span. That is 2 log2(L) strided multiply-adds touching each position
+    about twice, where a doubling (Hillis-Steele) scan rewrites every position log2(L) times.
     """
-    length, offset = values.shape[-3], 1
-    spare = torch.empty_like(values)
-    while offset < length:
-        # After this step position t holds the composition of the 2 * offset steps ending at t
-        # (starting at t, if reverse): `fixed` positions have no partner that far away.
+    length = values.shape[-3]
+
+    def positions(first: int, step: int, count: int) -> slice:
+        """first, first + step, ... (count of them), counted from the end if reverse."""
         if reverse:
-            target, source, fixed = slice(0, length - offset), slice(offset, length), slice(length - offset, length)
-            unchanged = slice(length - offset, length - offset // 2)
-        else:
-            target, source, fixed = slice(offset, length), slice(0, length - offset), slice(0, offset)
-            unchanged = slice(offset // 2, offset)
-        torch.addcmul(
-            values[..., target, :, :], gates[..., target, :, :], values[..., source, :, :], out=spare[..., target, :, :]
-        )
-        # The fixed positions are final; the spare buffer (two steps old) already holds all but
-        # the last half of them.
-        spare[..., unchanged, :, :] = values[..., unchanged, :, :]
-        values, spare = spare, values
-        if 2 * offset < length:  # compose the gates for the next, twice as long, step
-            composed = torch.empty_like(gates)
-            torch.mul(gates[..., target, :, :], gates[..., source, :, :], out=composed[..., target, :, :])
-            composed[..., fixed, :, :] = gates[..., fixed, :, :]
-            gates = composed
-        offset *= 2
+            first = length - 1 - (first + step * (count - 1))
+        return slice(first, first + step * (count - 1) + 1, step)
+
+    def compose(targets: slice, sources: slice) -> None:
+        # (a, b) at a target, preceded by the span (a', b') at its source: (a a', a b' + b).
+        values[..., targets, :, :].addcmul_(spans[..., targets, :, :], values[..., sources, :, :])
+
+    spans = gates  # spans[t]: the product of the a over the span that values[t] covers
+    span = 1
+    while 2 * span <= length:  # up-sweep: spans of 2 * span end at 2 * span - 1, 4 * span - 1, ...
+        count = length // (2 * span)
+        targets, sources = positions(2 * span - 1, 2 * span, count), positions(span - 1, 2 * span, count)
+        compose(targets, sources)
+        if 4 * span <= length:  # the longer spans (and the down-sweep) read this one's product
+            spans[..., targets, :, :].mul_(spans[..., sources, :, :])
+        span *= 2
+    while span > 1:  # down-sweep: a position whose span is `span` long follows a finished prefix
+        span //= 2
+        if 3 * span <= length:
+            count = (length - 3 * span) // (2 * span) + 1
+            compose(positions(3 * span - 1, 2 * span, count), positions(2 * span - 1, 2 * span, count))
     return values
 
 
 class _GatedChunkScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, g: Tensor, keep: Tensor | None, *streams: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, g: Tensor, keep: Tensor | None, *streams: Tensor) -> tuple[Tensor, ...]:
         # The state carries over with a_t = g_t, or g_t * keep_t where `keep` is 0 at a restart.
         carry = g if keep is None else g * keep
         # b_t = (1 - g_t) x_t of every stream, written straight into the scan's [S, ...] buffer
@@ -69,24 +74,24 @@ class _GatedChunkScan(torch.autograd.Function):
         inputs = torch.empty((len(streams), *g.shape), dtype=g.dtype, device=g.device)
         for x, b in zip(streams, inputs):
             torch.addcmul(x, g, x, value=-1, out=b)
-        states = _scan(carry, inputs)
+        states = _scan(carry.clone(), inputs)  # carry is saved for backward
         ctx.save_for_backward(g, carry, keep, states, *streams)
         ctx.set_materialize_grads(False)
-        # Each chunk's final state as an output of its own: its gradient is then added to one
-        # row, where slicing `states` would cost a zero-filled copy of all of them in backward.
-        return states, states[..., -1, :, :].clone()
+        # Each stream's states as an output of its own (unbinding one output would cost a stack of
+        # the gradients in backward), and each chunk's final state too: its gradient is then added
+        # to one row, where slicing `states` would cost a zero-filled copy of all of them.
+        return *states.unbind(0), states[..., -1, :, :].clone()
 
     @staticmethod
-    def backward(ctx, grad_states: Tensor | None, grad_finals: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         g, carry, keep, states, *streams = ctx.saved_tensors
-        if grad_states is None:
-            grad_states = torch.zeros_like(states)
-        else:
-            grad_states = grad_states.clone(memory_format=torch.contiguous_format)  # the scan's scratch
+        *grad_states, grad_finals = grads
+        # The reverse scan's buffer [S, ...], which it overwrites with lam.
+        lam = torch.stack([torch.zeros_like(g) if grad is None else grad for grad in grad_states])
         if grad_finals is not None:
-            grad_states[..., -1, :, :] += grad_finals
+            lam[..., -1, :, :] += grad_finals
         next_carry = F.pad(carry[..., 1:, :, :], (0, 0, 0, 0, 0, 1))  # a_{t+1}, and 0 past the chunk's end
-        lam = _scan(next_carry, grad_states, reverse=True)
+        lam = _scan(next_carry, lam, reverse=True)
         grad_x = torch.addcmul(lam, g, lam, value=-1)  # (1 - g_t) lam_t
         # dg_t = sum over the streams (which share the gate) of lam_t (keep_t h_{t-1} - x_t), h_{-1} = 0
         grad_g = torch.empty_like(g)
@@ -102,13 +107,16 @@ class _GatedChunkScan(torch.autograd.Function):
         return grad_g, None, *grad_x.unbind(0)
 
 
-def gated_chunk_scan(streams: Sequence[Tensor], g: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Running states `[S, B, C, L, H, D]` of the streams `x [B, C, L, H, D]` (S of them) under one gate
-    `g [B, C, L, H, D]`, restarting every chunk, and each chunk's final state `[S, B, C, H, D]`.
+def gated_chunk_scan(
+    streams: Sequence[Tensor], g: Tensor, keep: Tensor | None = None
+) -> tuple[tuple[Tensor, ...], Tensor]:
+    """Running states `[B, C, L, H, D]` of the streams `x [B, C, L, H, D]` (S of them, one tensor each)
+    under one gate `g [B, C, L, H, D]`, restarting every chunk, and each chunk's final state `[S, B, C, H, D]`.
 
     `keep` (0 or 1, broadcast to g, no gradient): where 0, the state also restarts at that step.
     """
-    return _GatedChunkScan.apply(g, keep, *streams)
+    *states, finals = _GatedChunkScan.apply(g, keep, *streams)
+    return tuple(states), finals
 
 
 def _chunk_rotations(first_chunk: int, num_chunks: int, head_dim: int, rope_base: float | None,

@@ -99,8 +99,11 @@ def rat_documents(
     else:
         first = torch.stack([initial_state[0].to(dtype), initial_state[1].to(dtype)])[:, :, None]
     carried = torch.cat([first, finals[:, :, :-1]], dim=2)  # [2, B, C, H, D]
-    states = states + torch.cumprod(gates * keep, dim=2) * carried[:, :, :, None]
-    k_state, v_state = states.view(2, batch, blocks * chunk_size, heads, head_dim)[:, :, :seq_len]
+    decay = torch.cumprod(gates * keep, dim=2)
+    k_state, v_state = (
+        (state + decay * carry[:, :, None]).view(batch, blocks * chunk_size, heads, head_dim)[:, :seq_len]
+        for state, carry in zip(states, carried)
+    )
 
     index, filled = chunk_end_slots(positions, chunk_size)
     gather_index = index[..., None, None].expand(-1, -1, heads, head_dim)
