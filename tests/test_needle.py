@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from lsys.data import DataError, build_loaders
 from lsys.data.needle_prompts import EXTRA_NEW_TOKENS, VARIANTS, build_prompt
+from lsys.data.passkey import passkey_documents
 from lsys.data.tokenizer import ByteTokenizer, HFTokenizer
 from lsys.eval import EvalError, NeedleGrid, evaluate_needle
 from lsys.eval.needle import sample_rng, value_token_mask
@@ -383,6 +384,28 @@ def test_passkey_documents_fill_one_window_each():
     assert min(depths) < 0.2 and max(depths) > 0.4  # the needle moves through the haystack
     assert min(lengths) < 0.7 * seq_len and max(lengths) > 0.9 * seq_len  # and the question through the window
     assert val is not None and val.num_batches == 2  # 10 validation documents, generated apart from training
+
+
+def test_short_keys_are_a_share_of_the_passkey_documents():
+    def key_lengths(short_keys: float) -> list[int]:
+        documents = passkey_documents(count=400, seq_len=256, tokenizer=BYTES, seed="train", short_keys=short_keys)
+        lengths = []
+        for text in documents["text"]:
+            assert len(BYTES.encode(text)) == 255  # still one window with its EOS
+            key = re.search(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.", text).group(1)
+            assert re.search(rf"What is the pass key\? The pass key is {key}(\..*)?$", text)  # and its answer
+            lengths.append(len(key))
+        return lengths
+
+    assert set(key_lengths(0.0)) == {5}
+    mixed = key_lengths(0.5)
+    assert set(mixed) == {1, 2, 3, 4, 5} and 0.4 < mixed.count(5) / len(mixed) < 0.6
+    assert set(key_lengths(1.0)) == {1, 2, 3, 4}
+    with pytest.raises(DataError, match="data.short_keys must be a share between 0 and 1, got 1.5"):
+        passkey_documents(count=4, seq_len=256, tokenizer=BYTES, seed="train", short_keys=1.5)
+    with pytest.raises(EvalError, match="a passkey needs at least one digit, got passkey_digits=0"):
+        build_prompt(BYTES, variant="passkey", haystack="filler", length=256, depth=50, rng=sample_rng(0, 0),
+                     passkey_digits=0)
 
 
 def test_passkey_documents_need_room_for_the_needle():

@@ -295,6 +295,28 @@ def test_L1_is_causal_rope_attention(base, pos0):
     assert _rel_err(out, ref) <= F64_TOL
 
 
+@pytest.mark.parametrize("base,cs", [(10000.0, 0), (100.0, 5), (None, 2)])
+def test_L1_without_lse_runs_fused_attention_equal_to_the_loop_reference(base, cs):
+    """The model's forward and prefill at L = 1 (no lse asked): out and summaries, forward and every gradient."""
+    B, T, H, D, L = 2, 13, 3, 16, 1
+    q, k, v, g, _, _ = _inputs(B, T, H, D, seed=11)
+
+    def kernel(q, k, v, g):
+        out, sk, sv = kernels.rat(q, k, v, g, chunk_size=L, rope_base=base, chunk_start=cs, return_summaries=True,
+                                  backend="torch")
+        return torch.cat([out.flatten(), sk.flatten(), sv.flatten()])
+
+    def loops(q, k, v, g):
+        out = _rat_loops(q, k, v, g, L, base, chunk_start=cs)
+        return torch.cat([out.flatten(), *(x.flatten() for x in _summaries(k, v, g, L, base, cs))])
+
+    out_k, grads_k = _fwd_and_grads(kernel, [q, k, v, g])
+    out_r, grads_r = _fwd_and_grads(loops, [q, k, v, g])
+    assert _rel_err(out_k, out_r) <= F64_TOL
+    for name, a, b in zip("qkvg", grads_k, grads_r):
+        assert _rel_err(a, b) <= F64_TOL, f"grad {name}"
+
+
 # --------------------------------------------------------------------------- #
 # 3. Causality
 # --------------------------------------------------------------------------- #

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from kernels.backend import BACKENDS, pick_backend
-from kernels.rat.chunk import chunk_summaries_chunk, rat_chunk
+from kernels.rat.chunk import chunk_summaries_chunk, rat_chunk, rat_one_token_chunks
 from kernels.rat.documents import rat_documents
 from kernels.segments import check_segment_ids
 from kernels.self_check import Comparison, compare_with_reference, needs_self_check, random_inputs, self_check
@@ -114,6 +114,8 @@ def rat(
         from kernels.rat.triton import rat_triton  # lazy: Triton picks interpreter or compiler at import
 
         out, lse, summary_k, summary_v = rat_triton(q, k, v, g, **options)
+    elif chunk_size == 1 and prefix_k is None and not return_lse:
+        out, summary_k, summary_v = rat_one_token_chunks(q, k, v, g, rope_base=rope_base, chunk_start=chunk_start)
     else:
         out, lse, summary_k, summary_v = rat_chunk(q, k, v, g, **options)
     extra = ((lse,) if return_lse else ()) + ((summary_k, summary_v) if return_summaries else ())

@@ -12,6 +12,10 @@ dg_t = lam_t (h_{t-1} - x_t); k~ and v~ share one gate, so they are scanned toge
 Attention then reads the states: a token of chunk c scores the summaries (final states) of
 chunks before it and its own state. Its query and its own state carry the same inter-chunk
 rotation, which cancels in their dot product, so only queries and summaries are rotated.
+
+At L = 1 every token ends its chunk, so its own state is its chunk's summary and the layer is
+causal attention over the summaries (1 - g) k, (1 - g) v with RoPE by position:
+`rat_one_token_chunks` runs that through the fused scaled_dot_product_attention.
 """
 
 from collections.abc import Sequence
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from kernels.rope import rope_matrices
+from kernels.rope import apply_rope, rope_angles, rope_matrices
 
 QUERY_BLOCK = 256  # query tokens per score block (rounded down to whole chunks)
 
@@ -245,6 +249,28 @@ def rat_chunk(
     complete = seq_len // chunk_size
     out = out.transpose(1, 2)[:, :seq_len].to(v.dtype)
     return out, lse[..., :seq_len], summary_k[:, :complete], summary_v[:, :complete]
+
+
+def rat_one_token_chunks(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, rope_base: float | None = 10000.0, chunk_start: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """RAT core at L = 1 on `[B, T, H, D]`: (out, rotated summary keys and values `[B, T, H, D]`), as rat_chunk.
+
+    No lse: the fused attention keeps it to itself. Forward and backward take about a quarter of rat_chunk's time
+    at T = 256 on CPU (18 against 69 ms, B 8, 4 heads of 32, one thread).
+    """
+    out_dtype, compute_dtype = v.dtype, torch.promote_types(q.dtype, g.dtype)
+    q, k, v, g = (x.to(compute_dtype) for x in (q, k, v, g))
+    keep = 1 - g
+    summary_k, summary_v = keep * k, keep * v
+    if rope_base is not None:
+        positions = torch.arange(chunk_start, chunk_start + q.shape[1], device=q.device)
+        cos, sin = rope_angles(positions, q.shape[-1], rope_base)
+        q, summary_k = apply_rope(q, cos, sin), apply_rope(summary_k, cos, sin)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), summary_k.transpose(1, 2), summary_v.transpose(1, 2), is_causal=True
+    )
+    return out.transpose(1, 2).to(out_dtype), summary_k, summary_v
 
 
 def chunk_summaries_chunk(

@@ -48,6 +48,7 @@ class DataConfig:
     prefetch_batches: int = 4
     num_proc: int = 1  # processes for loading and tokenizing map-style data
     num_documents: int = 20000  # passkey, stdlib_qa: documents generated for training (validation: val_fraction)
+    short_keys: float = 0.0  # passkey: share of documents whose key has 1-4 digits instead of 5 (lsys/data/passkey.py)
     doc_isolation: bool = False  # true: every batch is (inputs, targets, segment_ids), each document seen alone
     rope_restart: bool | None = None  # positions restart at each document start; null: the same as doc_isolation
     format: str = "text"  # text: pretraining documents; SFT examples (lsys/data/sft.py): messages | prompt_response

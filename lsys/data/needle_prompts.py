@@ -42,6 +42,7 @@ HAYSTACKS = ("stdlib", "filler")
 # Generation may run this many tokens past the answer (string match finds the answer anywhere in
 # the output), so every prompt leaves room for them.
 EXTRA_NEW_TOKENS = 4
+PASSKEY_DIGITS = 5  # as Mohtashami & Jaggi's passkey; the eval always asks for this many
 DISTRACTORS = 3  # multikey: 4 keys in all, as RULER's niah_multikey_1
 VALUES = 4  # multivalue: as RULER's niah_multivalue
 
@@ -81,10 +82,16 @@ class NeedlePrompt:
 
 
 def build_prompt(
-    tokenizer: Tokenizer, *, variant: str, haystack: str, length: int, depth: float, rng: random.Random
+    tokenizer: Tokenizer, *, variant: str, haystack: str, length: int, depth: float, rng: random.Random,
+    passkey_digits: int = PASSKEY_DIGITS,
 ) -> NeedlePrompt:
-    """A needle prompt whose tokens plus answer plus EXTRA_NEW_TOKENS fill exactly `length` tokens."""
-    asked, distractors, question, values = _needles(variant, rng)
+    """A needle prompt whose tokens plus answer plus EXTRA_NEW_TOKENS fill exactly `length` tokens.
+
+    `passkey_digits`: the length of a passkey (variant passkey only; training documents, lsys/data/passkey.py).
+    """
+    if passkey_digits < 1:
+        raise EvalError(f"a passkey needs at least one digit, got passkey_digits={passkey_digits}")
+    asked, distractors, question, values = _needles(variant, rng, passkey_digits)
     as_unit = AS_UNIT[haystack]
     asked_tokens = tokenizer.encode("".join(as_unit.format(sentence) for sentence in asked))
     distractor_tokens = [tokenizer.encode(as_unit.format(sentence)) for sentence in distractors]
@@ -124,10 +131,12 @@ def build_prompt(
     )
 
 
-def _needles(variant: str, rng: random.Random) -> tuple[list[str], list[str], str, tuple[str, ...]]:
+def _needles(
+    variant: str, rng: random.Random, passkey_digits: int
+) -> tuple[list[str], list[str], str, tuple[str, ...]]:
     """(asked needle sentences, distractor sentences, question, values) of one sample."""
     if variant == "passkey":
-        value = str(rng.randint(10_000, 99_999))
+        value = str(rng.randint(10 ** (passkey_digits - 1), 10**passkey_digits - 1))
         return [PASSKEY_NEEDLE.format(value=value)], [], PASSKEY_QUESTION, (value,)
     keys = rng.sample(KEYS, 1 + DISTRACTORS)
     numbers = [str(n) for n in rng.sample(range(1_000_000, 10_000_000), VALUES + DISTRACTORS)]  # 7 digits, distinct

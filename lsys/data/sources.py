@@ -72,9 +72,10 @@ def load_source(cfg: DataConfig, *, seq_len: int, tokenizer: Tokenizer) -> MapSp
     if cfg.source == "passkey":
         if cfg.num_documents < 1:
             raise DataError(f"data.num_documents must be positive for source 'passkey', got {cfg.num_documents}")
-        train = passkey_documents(count=cfg.num_documents, seq_len=seq_len, tokenizer=tokenizer, seed="train")
+        documents = dict(seq_len=seq_len, tokenizer=tokenizer, short_keys=cfg.short_keys)
+        train = passkey_documents(count=cfg.num_documents, seed="train", **documents)
         num_val = round(cfg.num_documents * cfg.val_fraction)
-        val = passkey_documents(count=num_val, seq_len=seq_len, tokenizer=tokenizer, seed="val") if num_val else None
+        val = passkey_documents(count=num_val, seed="val", **documents) if num_val else None
         return train, val
     if cfg.source == "stdlib":
         return load_stdlib(val_fraction=cfg.val_fraction, num_proc=cfg.num_proc)

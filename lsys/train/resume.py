@@ -30,7 +30,7 @@ ADDED = {
     "data.doc_isolation": False, "data.rope_restart": None, "init_from": None, "data.format": "text",
     "data.messages_field": "messages", "data.prompt_field": "prompt", "data.response_field": "response",
     "data.packing": True, "data.truncation": "error", "data.chat_template": None, "data.num_documents": 20000,
-    "trainer.peak_tflops": None, "model.kernel_backend": "auto",
+    "data.short_keys": 0.0, "trainer.peak_tflops": None, "model.kernel_backend": "auto",
 }
 RESUME_OVERRIDES = ("refuse", "apply")
 
