@@ -237,6 +237,31 @@ def single_device_seconds(seq_len: int, *, heads: int, head_dim: int, chunk_size
     return {name: seconds(lambda op=op: op().sum().backward(), repeats=1) for name, op in ops.items()}
 
 
+def chunk_size_seconds(
+    seq_len: int, chunk_sizes: list[int], *, batch: int, heads: int, head_dim: int, repeats: int
+) -> dict[str, float]:
+    """Forward+backward seconds of the attention and RAT cores (torch backends, fp32) on one set of
+    `[batch, seq_len, heads, head_dim]` inputs: causal attention, RAT at each chunk size, and RAT at L = 1
+    through the general chunk path (asked for lse, as RAT-SP asks). The ops take turns, one call each per
+    round, so that a slow stretch of the machine lands on all of them; median of `repeats` after a warm-up."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (batch, seq_len, heads, head_dim)
+    q, k, v = (torch.randn(*shape, generator=generator, requires_grad=True) for _ in range(3))
+    g = torch.rand(*shape, generator=generator).clamp(0.05, 0.95).requires_grad_()
+    ops = {"attention": lambda: kernels.attention(q, k, v, causal=True)}
+    for chunk_size in chunk_sizes:
+        ops[f"rat L = {chunk_size}"] = lambda chunk_size=chunk_size: kernels.rat(q, k, v, g, chunk_size=chunk_size)
+    if 1 in chunk_sizes:
+        ops["rat L = 1, chunk path"] = lambda: kernels.rat(q, k, v, g, chunk_size=1, return_lse=True)[0]
+    times = {name: [] for name in ops}
+    for _ in range(repeats + 1):
+        for name, op in ops.items():
+            start = time.perf_counter()
+            op().sum().backward()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(runs[1:])[repeats // 2] for name, runs in times.items()}  # the first round warms up
+
+
 def document_mix(seq_len: int, *, median: int, seed: int) -> torch.Tensor:
     """Segment ids `[1, seq_len]` of documents with log-normal lengths (median `median`, sigma 1, at least 8 tokens),
     the last cut to fit: a stand-in for web text packed into long windows."""

@@ -2,6 +2,7 @@
 
     python launch/bench.py train     CPU quick-start throughput, 1 and 2 processes, tiny RAT vs attention
     python launch/bench.py mixers    one layer forward+backward per mixer, decode speed and cache size
+    python launch/bench.py chunks    the RAT core at each chunk size of the passkey ladder against attention
     python launch/bench.py sp        bytes each sequence-parallel op sends, and its CPU time at sp = 1, 2, 4
     python launch/bench.py kernels   Triton kernels vs SDPA flash, flex_attention and the torch references (GPU)
     python launch/bench.py memory    training state per rank under DDP and ZeRO-1/2/3, from the formulas, and the
@@ -31,6 +32,7 @@ from benchmarks import data_bench, kernel_bench
 from benchmarks.harness import (
     MIXER_OPTIONS,
     REPO,
+    chunk_size_seconds,
     decode_stats,
     document_mix,
     isolation_seconds,
@@ -109,6 +111,32 @@ def bench_mixers(args: argparse.Namespace) -> tuple[str, str]:
         + "\n".join(lines)
     )
     return "Mixers on CPU: one layer, decoding and cache size", body
+
+
+def bench_chunks(args: argparse.Namespace) -> tuple[str, str]:
+    lengths, chunk_sizes = args.chunk_lengths, args.chunk_sizes
+    repeats = {t: max(3, 20 * 256 // t) for t in lengths}  # short calls take milliseconds: more rounds
+    torch.set_num_threads(1)  # as in a recipe run, where each of the 2 processes trains on one thread
+    shape = dict(batch=args.chunk_batch, heads=args.chunk_heads, head_dim=args.chunk_head_dim)
+    timings = {t: chunk_size_seconds(t, chunk_sizes, repeats=repeats[t], **shape) for t in lengths}
+    lines = [
+        "| core | " + " | ".join(f"fwd+bwd T={t if t < 1024 else f'{t // 1024}K'}" for t in lengths) + " |",
+        "|---|" + "---|" * len(lengths),
+    ]
+    for name in timings[lengths[0]]:
+        cells = [f"{timing[name] * 1e3:.1f} ms ({timing['attention'] / timing[name]:.2f}x)"
+                 for timing in (timings[t] for t in lengths)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    body = (
+        f"Measured on {machine_line()} with `{args.command}`: the cores alone (`kernels.attention`, causal; "
+        f"`kernels.rat` with RoPE and its forget gate), torch backends, fp32, one thread, batch {args.chunk_batch}, "
+        f"{args.chunk_heads} heads of {args.chunk_head_dim} (rat_tiny's shape and the passkey recipe's batch), "
+        "forward+backward; the ops take turns, one call each per round, median over rounds after a warm-up "
+        f"({', '.join(f'{repeats[t]} at {t}' for t in lengths)}). In brackets the speed-up over attention. "
+        "At L = 1 the torch path runs one causal SDPA call (`kernels.rat.chunk.rat_one_token_chunks`); the "
+        "chunk path row is the general path that RAT-SP takes at L = 1 (it asks for lse).\n\n" + "\n".join(lines)
+    )
+    return "RAT by chunk size: the core against attention", body
 
 
 def bench_sp(args: argparse.Namespace) -> tuple[str, str]:
@@ -384,13 +412,19 @@ def bench_data(args: argparse.Namespace) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "what", choices=["train", "mixers", "sp", "kernels", "memory", "activations", "documents", "data"]
+        "what", choices=["train", "mixers", "chunks", "sp", "kernels", "memory", "activations", "documents", "data"]
     )
     parser.add_argument("--steps", type=int, default=60, help="train: steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="train: rounds of paired runs (median reported)")
     parser.add_argument("--d-model", type=int, default=256, help="mixers: model width")
     parser.add_argument("--n-heads", type=int, default=8, help="mixers: heads (>= 8 so that S2 covers the context)")
     parser.add_argument("--new-tokens", type=int, default=64, help="mixers: tokens decoded per measurement")
+    parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[1, 4, 8, 16], help="chunks: RAT chunk sizes")
+    parser.add_argument("--chunk-lengths", nargs="+", type=int, default=[256, 1024, 4096],
+                        help="chunks: sequence lengths")
+    parser.add_argument("--chunk-batch", type=int, default=8, help="chunks: batch")
+    parser.add_argument("--chunk-heads", type=int, default=4, help="chunks: heads")
+    parser.add_argument("--chunk-head-dim", type=int, default=32, help="chunks: head dim")
     parser.add_argument("--sp-seq-len", type=int, default=8192, help="sp: sequence length measured on this machine")
     parser.add_argument("--sp-heads", type=int, default=4, help="sp: heads")
     parser.add_argument("--sp-head-dim", type=int, default=32, help="sp: head dim")
@@ -425,8 +459,8 @@ def main() -> None:
     args = parser.parse_args()
     args.command = shlex.join(["python", "launch/bench.py", *sys.argv[1:]])
     benches = {
-        "train": bench_train, "mixers": bench_mixers, "sp": bench_sp, "kernels": bench_kernels, "memory": bench_memory,
-        "activations": bench_activations, "documents": bench_documents, "data": bench_data,
+        "train": bench_train, "mixers": bench_mixers, "chunks": bench_chunks, "sp": bench_sp, "kernels": bench_kernels,
+        "memory": bench_memory, "activations": bench_activations, "documents": bench_documents, "data": bench_data,
     }
     heading, body = benches[args.what](args)
     write_section(args.out, heading, body)

@@ -1,5 +1,6 @@
 """launch/bench.py's report file (sections replaced in place, new ones before the hand-written notes), the
-training table over paired rounds, and the document mix and tile count its isolation benchmark reports."""
+training table over paired rounds, the document mix and tile count its isolation benchmark reports, and the
+ops its chunk-size benchmark times."""
 
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 from benchmarks.harness import (
     NOTES_HEADING,
     TrainThroughput,
+    chunk_size_seconds,
     document_mix,
     training_table,
     visited_tile_fraction,
@@ -66,3 +68,10 @@ def test_training_table_gives_medians_and_each_rounds_paired_ratio():
         "| attn | 1 | 90 | 90 | 0.90x, 1.05x, 0.75x | 2.100 |",
         "| attn | 2 | 165 | 82 | 1.11x, 1.10x, 0.80x | 2.700 |",
     ]
+
+
+def test_chunk_size_benchmark_times_attention_every_chunk_size_and_the_general_path_at_L1():
+    timings = chunk_size_seconds(24, [1, 4], batch=1, heads=2, head_dim=8, repeats=2)
+    assert list(timings) == ["attention", "rat L = 1", "rat L = 4", "rat L = 1, chunk path"]
+    assert all(seconds > 0 for seconds in timings.values())
+    assert "rat L = 1, chunk path" not in chunk_size_seconds(24, [4], batch=1, heads=2, head_dim=8, repeats=1)
