@@ -1,5 +1,6 @@
 """Prepared shard sets (lsys/data/shards.py, lsys/data/prepare.py, launch/prepare_data.py) and training from them."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -211,6 +212,18 @@ def byte_shards(tmp_path: Path, corpus: Path) -> Path:
 
 def shard_loaders(path: Path, **data):
     return build_loaders(DataConfig(source="shards", path=str(path), **data), dp_rank=0, **LAYOUT)
+
+
+def test_a_generated_source_is_continued_only_with_the_settings_it_was_generated_with(tmp_path: Path):
+    """Passkey documents depend on num_documents, short_keys and seq_len: a rerun that changes any is refused."""
+    data = DataConfig(source="passkey", num_documents=8, seq_len=256)
+    out = shards_of(tmp_path, data, workers=1)
+    assert read_manifest(out)["splits"]["train"]["documents"] == 8
+    prepare(data, out, workers=1, shard_tokens=2**22, progress_bar=False)  # the same settings: verified, kept
+    for changed in ({"num_documents": 9}, {"short_keys": 0.5}, {"seq_len": 512}):
+        other = dataclasses.replace(data, **changed)
+        with pytest.raises(DataError, match=r"prepared with other settings \(changed: source\)"):
+            prepare(other, out, workers=1, shard_tokens=2**22, progress_bar=False)
 
 
 def test_missing_and_corrupted_manifests_are_refused(byte_shards: Path, tmp_path: Path):

@@ -47,8 +47,10 @@ from lsys.data.tokenizer import Tokenizer, build_tokenizer
 PAUSE_AFTER_SHARD = "LSYS_TEST_PAUSE_AFTER_SHARD"  # the test seam described above
 SETTINGS = "prepare.json"
 DOCUMENTS_PER_BATCH = 256
-# The DataConfig fields that decide which documents a shard set holds (the manifest records them).
+# The DataConfig fields that decide which documents a shard set holds (the manifest records them), and those
+# that a generated source's documents also depend on (lsys/data/sources.py::load_source).
 SOURCE_FIELDS = ("name", "source", "path", "val_path", "text_field", "hub_config", "split", "val_split", "val_fraction")
+GENERATED_SOURCE_FIELDS = {"passkey": ("num_documents", "short_keys", "seq_len")}
 
 _worker_tokenizer: Tokenizer | None = None
 
@@ -95,7 +97,7 @@ def prepare(
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
         "tokenizer": tokenizer_identity(data.tokenizer),
-        "source": {key: getattr(data, key) for key in SOURCE_FIELDS},
+        "source": {key: getattr(data, key) for key in SOURCE_FIELDS + GENERATED_SOURCE_FIELDS.get(data.source, ())},
         "shard_tokens": shard_tokens,
     }
     out.mkdir(parents=True, exist_ok=True)
