@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +149,18 @@ def mixer_config(name: str, d_model: int, n_heads: int) -> ModelConfig:
     )
 
 
+def seconds_in_turns(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function over `repeats` rounds in which every function runs once, after a
+    warm-up round: a slow stretch of the machine then lands on all of them alike."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(runs[1:])[repeats // 2] for name, runs in times.items()}
+
+
 def seconds(fn, repeats: int) -> float:
     """Median wall time of `fn()` over `repeats` calls after one warm-up call."""
     fn()
@@ -242,8 +255,7 @@ def chunk_size_seconds(
 ) -> dict[str, float]:
     """Forward+backward seconds of the attention and RAT cores (torch backends, fp32) on one set of
     `[batch, seq_len, heads, head_dim]` inputs: causal attention, RAT at each chunk size, and RAT at L = 1
-    through the general chunk path (asked for lse, as RAT-SP asks). The ops take turns, one call each per
-    round, so that a slow stretch of the machine lands on all of them; median of `repeats` after a warm-up."""
+    through the general chunk path (asked for lse, as RAT-SP asks); the ops take turns (`seconds_in_turns`)."""
     generator = torch.Generator().manual_seed(0)
     shape = (batch, seq_len, heads, head_dim)
     q, k, v = (torch.randn(*shape, generator=generator, requires_grad=True) for _ in range(3))
@@ -253,13 +265,7 @@ def chunk_size_seconds(
         ops[f"rat L = {chunk_size}"] = lambda chunk_size=chunk_size: kernels.rat(q, k, v, g, chunk_size=chunk_size)
     if 1 in chunk_sizes:
         ops["rat L = 1, chunk path"] = lambda: kernels.rat(q, k, v, g, chunk_size=1, return_lse=True)[0]
-    times = {name: [] for name in ops}
-    for _ in range(repeats + 1):
-        for name, op in ops.items():
-            start = time.perf_counter()
-            op().sum().backward()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(runs[1:])[repeats // 2] for name, runs in times.items()}  # the first round warms up
+    return seconds_in_turns({name: lambda op=op: op().sum().backward() for name, op in ops.items()}, repeats)
 
 
 def document_mix(seq_len: int, *, median: int, seed: int) -> torch.Tensor:
@@ -305,10 +311,10 @@ def isolation_seconds(
     }
     results = {}
     for name, op in ops.items():
-        plain, isolated = [], []
-        for ids, times in ((None, plain), (segment_ids, isolated)) * (repeats + 1):
-            start = time.perf_counter()
-            op(ids).sum().backward()
-            times.append(time.perf_counter() - start)
-        results[name] = (sorted(plain[1:])[repeats // 2], sorted(isolated[1:])[repeats // 2])  # first run warms up
+        turns = {
+            "plain": lambda op=op: op(None).sum().backward(),
+            "isolated": lambda op=op: op(segment_ids).sum().backward(),
+        }
+        timed = seconds_in_turns(turns, repeats)
+        results[name] = (timed["plain"], timed["isolated"])
     return results

@@ -256,8 +256,8 @@ def rat_one_token_chunks(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """RAT core at L = 1 on `[B, T, H, D]`: (out, rotated summary keys and values `[B, T, H, D]`), as rat_chunk.
 
-    No lse: the fused attention keeps it to itself. Forward and backward take about a quarter of rat_chunk's time
-    at T = 256 on CPU (18 against 69 ms, B 8, 4 heads of 32, one thread).
+    No lse: the fused attention keeps it to itself. On CPU it takes about a quarter of rat_chunk's time at L = 1
+    (`python launch/bench.py chunks`, docs/perf.md).
     """
     out_dtype, compute_dtype = v.dtype, torch.promote_types(q.dtype, g.dtype)
     q, k, v, g = (x.to(compute_dtype) for x in (q, k, v, g))
